@@ -1,0 +1,89 @@
+"""Model registry: timm names -> Flax module builders plus the facts a trainer needs about each.
+
+Every model's `apply(variables, images, train=...)` takes NHWC images that are already
+normalised with the model's own mean/std and returns `(logits, features)`, where
+`features['embedding']` is the pre-logits vector [B, D] and `features['stages']` the list of
+the four stage outputs (NHWC maps for CNNs and Swin, [B, L, C] token sequences otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+
+from jaxkd.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+FAMILIES = ("cnn", "vit", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the trainer and the converter need to know about a registered model."""
+
+    name: str
+    family: str  # 'cnn' | 'vit' | 'mlp': picks the training recipe.
+    builder: Callable[..., nn.Module]  # builder(num_classes=..., **timm_overrides) -> module
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    converter: str = ""  # name of the jaxkd.convert family module that maps its timm keys
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    family: str,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    input_size: int = 224,
+    converter: str = "",
+):
+    """Decorator registering `builder(num_classes=..., **overrides)` under a timm model name."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    def wrap(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelInfo(
+            name, family, builder, tuple(mean), tuple(std), input_size, converter
+        )
+        return builder
+
+    return wrap
+
+
+class UnknownModelError(ConfigError):
+    pass
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; available models: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, *, num_classes: int = 1000, **overrides) -> nn.Module:
+    """Builds a registered model; overrides use timm's keyword names (img_size, depth, ...)."""
+    info = model_info(name)
+    try:
+        return info.builder(num_classes=num_classes, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"bad overrides for model {name!r}: {e}") from None
