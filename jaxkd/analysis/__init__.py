@@ -1,0 +1,5 @@
+"""Representation analysis tools."""
+
+from jaxkd.analysis.cka import linear_cka
+
+__all__ = ["linear_cka"]
