@@ -1,0 +1,254 @@
+"""OFA-KD (Hao et al. 2023): the OFA loss on the final logits and on per-stage exit branches.
+
+Total `CE + kd_weight * OFA(final logits) + ofa_weight * sum_k OFA(branch_k logits)`, every OFA
+term against the teacher's final logits. Branches follow the official code (REFERENCE.md
+section 2): for a CNN student, (4 - s) depthwise-separable downsampling blocks (or a 1x1 conv
+at stage 4) to m = max(D_s, D_t) channels, average pool, Linear; for a token student (ViT,
+Swin, Mixer, ResMLP), patch merging down to a 7x7 grid, max(4 - s, 1) ViT blocks, the class
+token (or the token mean without one), Linear. Branch logits are never mixed into the
+student's logits, and the branches live in the method, so the exported student has none.
+
+As in the official code the branch input is NOT detached: each branch's parameters are
+trained only by its own OFA loss, and that loss also reaches the student's stage feature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxkd import losses
+from jaxkd.distill.base import ModelSpec, register_method, supervised_loss
+from jaxkd.errors import ConfigError
+from jaxkd.models.resnet import batch_norm, conv2d, torch_linear_init
+from jaxkd.models.vit import Attention, Mlp, layer_norm
+
+FINAL_GRID = 7  # token branches merge patches down to 7 x 7 = 49 tokens
+BRANCH_HEADS = 4  # attention heads of the token branches' ViT blocks
+_TORCH_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the official branch modules
+
+# The official code's init_weights: kaiming normal (fan_out, relu) convs, BN (1, 0),
+# trunc-normal(0.02) Linear weights with zero biases; conv biases keep PyTorch's default.
+_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_trunc_normal = nn.initializers.truncated_normal(0.02)
+
+
+def token_layout(stage_shape) -> tuple[int, int]:
+    """(prefix tokens, grid side) of a stage: an NHWC map (H, W, C) or tokens (L, C).
+
+    Token sequences hold a square patch grid after their prefix (class) tokens, as timm's
+    ViTs; the prefix count is what remains after the largest square.
+    """
+    if len(stage_shape) == 3:
+        height, width, _ = stage_shape
+        if height != width:
+            raise ConfigError(f"stage feature {stage_shape} is not a square map")
+        return 0, height
+    if len(stage_shape) == 2:
+        side = math.isqrt(stage_shape[0])
+        return stage_shape[0] - side * side, side
+    raise ConfigError(f"stage feature shape {stage_shape} is neither (H, W, C) nor (L, C)")
+
+
+def as_tokens(feature):
+    """[B, H, W, C] maps become [B, H*W, C] row-major tokens; token sequences pass through."""
+    if feature.ndim == 4:
+        return feature.reshape(feature.shape[0], -1, feature.shape[-1])
+    return feature
+
+
+def _classifier(num_classes: int, name: str = "head") -> nn.Dense:
+    return nn.Dense(num_classes, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros,
+                    name=name)
+
+
+class SepConv(nn.Module):
+    """dw3x3/2 -> pw1x1 -> BN -> ReLU -> dw3x3 -> pw1x1 -> BN -> ReLU, no conv biases."""
+
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        channels = x.shape[-1]
+        conv = dict(kernel_init=_kaiming_fan_out)
+        x = conv2d(channels, 3, 2, groups=channels, name="dw1", **conv)(x)
+        x = conv2d(channels, 1, name="pw1", **conv)(x)
+        x = nn.relu(batch_norm(train, name="bn1")(x))
+        x = conv2d(channels, 3, groups=channels, name="dw2", **conv)(x)
+        x = conv2d(self.out_channels, 1, name="pw2", **conv)(x)
+        return nn.relu(batch_norm(train, name="bn2")(x))
+
+
+class CNNBranch(nn.Module):
+    """Exit branch on a CNN student's stage `stage` (1-4) map, down to stride 32."""
+
+    stage: int
+    width: int  # m = max(D_s, D_t)
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        if self.stage == 4:
+            _, bias_init = torch_linear_init(x.shape[-1])
+            x = nn.Conv(self.width, (1, 1), kernel_init=_kaiming_fan_out, bias_init=bias_init,
+                        name="proj")(x)
+        else:
+            num_blocks = 4 - self.stage
+            channels = x.shape[-1]
+            for i in range(num_blocks):
+                out_channels = self.width if i == num_blocks - 1 else 2 * channels
+                x = SepConv(out_channels, name=f"sepconv_{i}")(x, train=train)
+                channels *= 2
+        return _classifier(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat (Swin's order) -> LayerNorm -> Linear without bias -> act."""
+
+    out_dim: int
+    gelu: bool
+
+    @nn.compact
+    def __call__(self, x):
+        batch, length, channels = x.shape
+        side = math.isqrt(length)
+        if side * side != length or side % 2:
+            raise ValueError(f"patch merging needs an even square grid, got {length} tokens")
+        x = x.reshape(batch, side, side, channels)
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
+                             x[:, 1::2, 1::2]], axis=-1).reshape(batch, -1, 4 * channels)
+        x = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm")(x)
+        x = nn.Dense(self.out_dim, use_bias=False, kernel_init=_trunc_normal, name="reduction")(x)
+        return nn.gelu(x, approximate=False) if self.gelu else x
+
+
+class BranchBlock(nn.Module):
+    """timm 0.6.5's default ViT Block: LayerNorm eps 1e-5, no qkv bias, mlp ratio 4."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm1")(x)
+        x = x + Attention(self.dim, BRANCH_HEADS, qkv_bias=False, name="attn")(y)
+        y = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm2")(x)
+        return x + Mlp(4 * self.dim, self.dim, name="mlp")(y)
+
+
+class TokenBranch(nn.Module):
+    """Exit branch on a token student's stage `stage` (1-4): prefix tokens skip the merging."""
+
+    stage: int
+    dim: int  # D_s
+    num_classes: int
+    num_prefix: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        del train
+        x = as_tokens(x)
+        prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
+        grid = math.isqrt(patches.shape[1])
+        # As the official code: int(log2(grid / 7)) merges; GELU after each but the last of 2+.
+        num_merges = max(int(math.log2(grid / FINAL_GRID)), 0)
+        for i in range(num_merges):
+            patches = PatchMerging(self.dim, gelu=i == 0 or i != num_merges - 1,
+                                   name=f"merge_{i}")(patches)
+        if patches.shape[-1] != self.dim:
+            raise ValueError(f"stage {self.stage} tokens have {patches.shape[-1]} channels and no "
+                             f"patch merging to the branch width {self.dim}")
+        x = jnp.concatenate([prefix, patches], axis=1) if self.num_prefix else patches
+        for i in range(max(4 - self.stage, 1)):
+            x = BranchBlock(self.dim, name=f"block_{i}")(x)
+        feature = x[:, 0] if self.num_prefix else jnp.mean(x, axis=1)
+        return _classifier(self.num_classes)(feature)
+
+
+class OFABranches(nn.Module):
+    """The exit branches on the selected student stages (1-based); returns their logits."""
+
+    student: ModelSpec
+    teacher_dim: int
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+
+    @nn.compact
+    def __call__(self, stage_features, *, train: bool):
+        logits = []
+        for stage in self.stages:
+            shape = self.student.stage_shapes[stage - 1]
+            if self.student.family == "cnn":
+                branch = CNNBranch(stage, max(self.student.embed_dim, self.teacher_dim),
+                                   self.student.num_classes, name=f"stage{stage}")
+            else:
+                branch = TokenBranch(stage, self.student.embed_dim, self.student.num_classes,
+                                     token_layout(shape)[0], name=f"stage{stage}")
+            feature = stage_features[stage - 1].astype(jnp.float32)
+            logits.append(branch(feature, train=train))
+        return logits
+
+
+def branch_losses(branch_logits, teacher_logits, labels, eps, temperature):
+    """(sum of the branches' OFA losses, {'ofa_stage<k>': loss}) for stages with gammas `eps`."""
+    parts = {}
+    for (stage, gamma), logits in zip(eps, branch_logits):
+        parts[f"ofa_stage{stage}"] = losses.ofa_loss(logits, teacher_logits, labels, eps=gamma,
+                                                     temperature=temperature)
+    return sum(parts.values()), parts
+
+
+def check_branch_config(student: ModelSpec, stages, eps: float, branch_eps
+                        ) -> tuple[tuple[int, float], ...]:
+    """Validated ((stage, gamma), ...): `branch_eps` empty means `eps` for every branch."""
+    stages = tuple(int(s) for s in stages)
+    if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3, 4}:
+        raise ConfigError(f"OFA stages must be distinct values in 1-4, got {stages}")
+    if len(student.stage_shapes) != 4:
+        raise ConfigError(f"student {student.name!r} has {len(student.stage_shapes)} stage "
+                          "features; OFA branches need 4")
+    for stage in stages:
+        shape = student.stage_shapes[stage - 1]
+        if student.family == "cnn" and len(shape) != 3:
+            raise ConfigError(f"CNN student {student.name!r} stage {stage} is {shape}, not a "
+                              "(H, W, C) map")
+    if student.family != "cnn" and student.embed_dim % BRANCH_HEADS:
+        raise ConfigError(f"token branches use {BRANCH_HEADS} heads: student width "
+                          f"{student.embed_dim} is not divisible by {BRANCH_HEADS}")
+    branch_eps = tuple(float(e) for e in branch_eps) or (float(eps),) * len(stages)
+    if len(branch_eps) != len(stages):
+        raise ConfigError(f"branch_eps {branch_eps} needs one value per stage {stages} "
+                          "(or none: eps for all)")
+    return tuple(zip(stages, branch_eps))
+
+
+class OFA(nn.Module):
+    branches: OFABranches
+    eps: float = 1.0
+    branch_eps: tuple[tuple[int, float], ...] = ()
+    kd_weight: float = 1.0
+    ofa_weight: float = 1.0
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __call__(self, student_out, teacher_out, batch, *, train: bool):
+        logits, features = student_out
+        teacher_logits, labels = teacher_out[0], batch["label"]
+        ce = supervised_loss(logits, labels, self.label_smoothing)
+        kd = losses.ofa_loss(logits, teacher_logits, labels, eps=self.eps,
+                             temperature=self.temperature)
+        branch_logits = self.branches(features["stages"], train=train)
+        ofa, parts = branch_losses(branch_logits, teacher_logits, labels, self.branch_eps,
+                                   self.temperature)
+        loss = ce + self.kd_weight * kd + self.ofa_weight * ofa
+        return loss, {"ce": ce, "kd": kd, "ofa": ofa, **parts}
+
+
+@register_method("ofa", defaults={"stages": (1, 2, 3, 4), "eps": 1.0, "branch_eps": (),
+                                  "kd_weight": 1.0, "ofa_weight": 1.0, "temperature": 1.0})
+def build(config, student, teacher, ctx):
+    branch_eps = check_branch_config(student, config.stages, config.eps, config.branch_eps)
+    branches = OFABranches(student, teacher.embed_dim, tuple(s for s, _ in branch_eps))
+    return OFA(branches, eps=config.eps, branch_eps=branch_eps, kd_weight=config.kd_weight,
+               ofa_weight=config.ofa_weight, temperature=config.temperature,
+               label_smoothing=ctx.label_smoothing)

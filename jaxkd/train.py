@@ -1,0 +1,450 @@
+"""The training loop: supervised training of one model, or distillation from a frozen teacher.
+
+One jitted step runs the teacher's forward, the student's forward/backward and the method's
+loss, with the batch sharded over a 1-D data mesh and the state replicated. Which method is
+used is data (`config.method.name`): this module names none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxkd import checkpoint, data, distill, models, optim, sharding
+from jaxkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jaxkd.metric_writer import MetricWriter
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {'student': ..., 'method': ...}
+    # Non-trainable collections ({'batch_stats': ...}, a method's memory bank, ...) of each.
+    model_state: Any  # {'student': {collection: ...}, 'method': {collection: ...}}
+    opt_state: Any
+    ema_params: Any  # EMA of params['student'], or None
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHandle:
+    """A built model with its normalisation constants."""
+
+    name: str
+    module: nn.Module
+    mean: np.ndarray
+    std: np.ndarray
+    overrides: dict
+    num_classes: int
+
+    def normalize(self, images):
+        return (images - self.mean.astype(images.dtype)) / self.std.astype(images.dtype)
+
+
+def _compute_dtype(config):
+    names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.compute_dtype not in names:
+        raise ConfigError(f"compute_dtype must be one of {sorted(names)}, "
+                          f"got {config.compute_dtype!r}")
+    return names[config.compute_dtype]
+
+
+def build_model(model_config, num_classes: int, dtype) -> ModelHandle:
+    info = models.model_info(model_config.name)
+    overrides = dict(model_config.get("overrides", {}) or {})
+    module = models.create_model(model_config.name, num_classes=num_classes, dtype=dtype,
+                                 **overrides)
+    return ModelHandle(model_config.name, module, np.asarray(info.mean, np.float32),
+                       np.asarray(info.std, np.float32), overrides, num_classes)
+
+
+def model_spec(handle: ModelHandle, image_size: int) -> distill.ModelSpec:
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+
+    def forward(x):
+        variables = handle.module.init(jax.random.PRNGKey(0), x, train=False)
+        return handle.module.apply(variables, x, train=False)
+
+    try:
+        _, features = jax.eval_shape(forward, images)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model {handle.name!r} cannot take {image_size}px images: {e}") from None
+    return distill.ModelSpec(
+        name=handle.name, family=models.model_info(handle.name).family,
+        num_classes=handle.num_classes, embed_dim=features["embedding"].shape[-1],
+        stage_shapes=tuple(tuple(s.shape[1:]) for s in features["stages"]))
+
+
+def check_variables(expected, actual, what: str) -> None:
+    """Raises one error listing every missing, unexpected or mis-shaped variable."""
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
+    have = flax.traverse_util.flatten_dict(flax.core.unfreeze(actual), sep="/")
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(f"{k}: checkpoint {tuple(np.shape(have[k]))}, model {tuple(want[k].shape)}"
+                    for k in set(want) & set(have) if tuple(np.shape(have[k])) != want[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not match its model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatch", shapes)):
+            if items:
+                lines.append(f"  {title}: " + ", ".join(items[:20]) +
+                             (f" ... ({len(items)} in all)" if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+
+
+def load_teacher(config, num_classes: int, image_size: int, dtype):
+    """Builds the teacher and loads its export; returns (handle, variables)."""
+    tcfg = config.teacher
+    if not tcfg.get("checkpoint"):
+        raise ConfigError(f"teacher {tcfg.name!r} needs config.teacher.checkpoint: a model "
+                          "export (a supervised run's <workdir>/export or the output of "
+                          "scripts/convert_timm.py)")
+    variables, meta = checkpoint.load_model(tcfg.checkpoint)
+    overrides = dict(tcfg.get("overrides", {}) or {})
+    if meta.get("model_name") != tcfg.name or meta.get("num_classes") != num_classes or \
+            meta.get("overrides", {}) != overrides:
+        raise CheckpointError(
+            f"teacher checkpoint {tcfg.checkpoint!r} holds {meta.get('model_name')!r} with "
+            f"{meta.get('num_classes')} classes and overrides {meta.get('overrides')}, but the "
+            f"config asks for {tcfg.name!r} with {num_classes} classes and overrides {overrides}")
+    handle = build_model(tcfg, num_classes, dtype)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    expected = jax.eval_shape(lambda x: handle.module.init(jax.random.PRNGKey(0), x), x)
+    check_variables(expected, variables, f"teacher checkpoint {tcfg.checkpoint!r}")
+    return handle, variables
+
+
+def _split_params(variables):
+    """(params, every other collection) of a Flax variables dict."""
+    variables = dict(variables)
+    return variables.pop("params", {}), variables
+
+
+def _top_k_correct(logits, labels, k):
+    topk = jax.lax.top_k(logits, k)[1]
+    return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+class Trainer:
+    """Builds the models, the method, the optimiser and the jitted steps for one config."""
+
+    def __init__(self, config, num_classes: int, steps_per_epoch: int, total_steps: int,
+                 mesh):
+        self.config = config
+        self.mesh = mesh
+        dtype = _compute_dtype(config)
+        image_size = config.dataset.image_size
+        self.student = build_model(config.student, num_classes, dtype)
+        entry = distill.method_entry(config.method.name)
+        self.teacher, self.teacher_variables = None, None
+        if entry.uses_teacher:
+            if not config.teacher.get("name"):
+                raise ConfigError(f"method {config.method.name!r} needs config.teacher.name")
+            self.teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype)
+            self.teacher_variables = jax.device_put(teacher_vars, sharding.replicated(mesh))
+        student_spec = model_spec(self.student, image_size)
+        teacher_spec = model_spec(self.teacher, image_size) if self.teacher else None
+        ctx = distill.MethodContext(num_devices=mesh.size,
+                                    label_smoothing=config.get("label_smoothing", 0.0))
+        self.method = distill.create_method(config.method, student_spec, teacher_spec, ctx)
+        self.teacher_spec = teacher_spec
+        self.tx, self.schedule = optim.build_optimizer(config.optimizer, total_steps,
+                                                       steps_per_epoch)
+        self.ema_decay = config.get("ema_decay", 0.0)
+        self._image_shape = (image_size, image_size, 3)
+        self._num_classes = num_classes
+        repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        self.train_step = jax.jit(self._train_step, in_shardings=(repl, repl, batch),
+                                  out_shardings=(repl, repl), donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, repl, batch),
+                                 out_shardings=repl)
+        self.teacher_eval_step = jax.jit(self._teacher_eval_step, in_shardings=(repl, batch),
+                                         out_shardings=repl)
+
+    # --- state -----------------------------------------------------------------------------
+    def _init(self, rng, images):
+        """Initial state; `images` has the training batch's shape, which some methods need
+        (RSD's per-device statistics split the batch into groups)."""
+        rng_student, rng_method, rng_state = jax.random.split(rng, 3)
+        student_vars = self.student.module.init(rng_student, images, train=False)
+        student_out = self.student.module.apply(student_vars, images, train=False)
+        teacher_out = self._teacher_placeholder(images)
+        batch = {"image": images, "label": jnp.zeros(images.shape[:1], jnp.int32),
+                 "index": jnp.zeros(images.shape[:1], jnp.int32)}
+        method_vars = self.method.init(rng_method, student_out, teacher_out, batch, train=False)
+        s_params, s_state = _split_params(student_vars)
+        m_params, m_state = _split_params(method_vars)
+        params = {"student": s_params, "method": m_params}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          model_state={"student": s_state, "method": m_state},
+                          opt_state=self.tx.init(params),
+                          ema_params=s_params if self.ema_decay else None, rng=rng_state)
+
+    def _teacher_placeholder(self, images):
+        if self.teacher is None:
+            return None
+        shapes = jax.eval_shape(lambda v, x: self.teacher.module.apply(v, x, train=False),
+                                self.teacher_variables, images)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+    def _init_images(self):
+        return jax.ShapeDtypeStruct((self.config.batch_size, *self._image_shape), jnp.float32,
+                                    sharding=sharding.batch_sharding(self.mesh))
+
+    def abstract_state(self):
+        shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0), self._init_images())
+        repl = sharding.replicated(self.mesh)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                            shapes)
+
+    def init_state(self, seed: int) -> TrainState:
+        spec = self._init_images()
+        images = lambda: jax.lax.with_sharding_constraint(jnp.zeros(spec.shape, spec.dtype),
+                                                          spec.sharding)
+        init = jax.jit(lambda rng: self._init(rng, images()),
+                       out_shardings=sharding.replicated(self.mesh))
+        return init(jax.random.PRNGKey(seed))
+
+    def count_params(self, state) -> dict:
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+        return {"student": count(state.params["student"]),
+                "method": count(state.params["method"])}
+
+    # --- steps -----------------------------------------------------------------------------
+    def _teacher_forward(self, teacher_variables, images):
+        if self.teacher is None:
+            return None
+        out = self.teacher.module.apply(teacher_variables, self.teacher.normalize(images),
+                                        train=False)
+        return jax.lax.stop_gradient(out)
+
+    def _train_step(self, state: TrainState, teacher_variables, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        rng_student, rng_method = jax.random.split(rng)
+        images, labels = batch["image"], batch["label"]
+        teacher_out = self._teacher_forward(teacher_variables, images)
+        student_state, method_state = state.model_state["student"], state.model_state["method"]
+
+        def loss_fn(params):
+            student_out, student_state_new = self.student.module.apply(
+                {"params": params["student"], **student_state}, self.student.normalize(images),
+                train=True, mutable=list(student_state), rngs={"dropout": rng_student})
+            (loss, metrics), method_state_new = self.method.apply(
+                {"params": params["method"], **method_state}, student_out, teacher_out, batch,
+                train=True, mutable=list(method_state), rngs={"dropout": rng_method})
+            model_state = {"student": dict(student_state_new), "method": dict(method_state_new)}
+            return loss.astype(jnp.float32), (metrics, model_state, student_out[0])
+
+        (loss, (metrics, model_state, logits)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(params["student"], ema, 1.0 - self.ema_decay)
+        hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
+        metrics = {**{f"train/{k}": v for k, v in metrics.items()},
+                   "train/loss": loss,
+                   "train/top1": jnp.mean(_top_k_correct(logits.astype(jnp.float32),
+                                                         hard_labels, 1)),
+                   "train/grad_norm": optax.tree.norm(grads),
+                   "train/lr": self.schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                                  opt_state=opt_state, ema_params=ema)
+        return new_state, metrics
+
+    def _eval_counts(self, logits, batch):
+        logits = logits.astype(jnp.float32)
+        mask = batch["mask"]
+        k5 = min(5, logits.shape[-1])
+        return {"top1": jnp.sum(_top_k_correct(logits, batch["label"], 1) * mask),
+                "top5": jnp.sum(_top_k_correct(logits, batch["label"], k5) * mask),
+                "count": jnp.sum(mask)}
+
+    def _eval_step(self, params, student_state, batch):
+        logits, _ = self.student.module.apply({"params": params, **student_state},
+                                              self.student.normalize(batch["image"]),
+                                              train=False)
+        return self._eval_counts(logits, batch)
+
+    def _teacher_eval_step(self, teacher_variables, batch):
+        logits, _ = self._teacher_forward(teacher_variables, batch["image"])
+        return self._eval_counts(logits, batch)
+
+
+def _sum_counts(batches, step_fn, mesh):
+    totals = None
+    for batch in batches:
+        counts = jax.device_get(step_fn(sharding.global_batch(batch, mesh)))
+        totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
+    n = max(float(totals["count"]), 1.0)
+    return {"top1": 100.0 * float(totals["top1"]) / n, "top5": 100.0 * float(totals["top5"]) / n}
+
+
+def resolve_durations(config, num_train_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps); `total_steps` > 0 overrides `num_epochs`."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    total = config.get("total_steps", 0) or int(math.ceil(config.num_epochs * steps_per_epoch))
+    if total <= 0:
+        raise ConfigError("set config.num_epochs or config.total_steps to a positive value")
+    return steps_per_epoch, total
+
+
+def _check_batch_size(config, mesh):
+    if config.batch_size % mesh.size:
+        raise ConfigError(f"global batch size {config.batch_size} is not divisible by the "
+                          f"{mesh.size} devices")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"global batch size {config.batch_size} is not divisible by the "
+                          f"{jax.process_count()} processes")
+
+
+def run_metadata(config) -> dict:
+    """What a train checkpoint belongs to; a resume with different values is refused."""
+    return {"student": config.student.name,
+            "student_overrides": dict(config.student.get("overrides", {}) or {}),
+            "method": config.method.name,
+            "teacher": config.teacher.get("name", "") if distill.method_entry(
+                config.method.name).uses_teacher else "",
+            "dataset": config.dataset.name}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) one training run in `workdir`; returns the final eval metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise ConfigError(f"workdir {workdir!r} is not writable")
+    mesh = sharding.data_mesh()
+    _check_batch_size(config, mesh)
+    ds = config.dataset
+    data_dir = ds.data_dir or None
+    info = data.dataset_info(ds.name, data_dir=data_dir, train_fraction=ds.train_fraction)
+    steps_per_epoch, total_steps = resolve_durations(config, info.num_train_examples)
+    trainer = Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh)
+    is_main = jax.process_index() == 0
+    writer = MetricWriter(workdir, enabled=is_main)
+    ckpt = checkpoint.TrainCheckpointer(workdir)
+    meta = run_metadata(config)
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, trainer.abstract_state(), meta)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        state = trainer.init_state(config.seed)
+    step = int(jax.device_get(state.step))
+    counts = trainer.count_params(state)
+    logging.info("student %s: %.3fM parameters; method %s: %.3fM extra trainable parameters",
+                 config.student.name, counts["student"] / 1e6, config.method.name,
+                 counts["method"] / 1e6)
+
+    def eval_batches():
+        return data.eval_batches(ds.name, data_dir=data_dir,
+                                 global_batch_size=config.eval_batch_size or config.batch_size,
+                                 image_size=ds.image_size, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+    def evaluate():
+        def accuracy(params):
+            return _sum_counts(eval_batches(), lambda b: trainer.eval_step(
+                params, state.model_state["student"], b), mesh)
+
+        result = accuracy(state.params["student"])
+        out = {"eval/top1": result["top1"], "eval/top5": result["top5"]}
+        if state.ema_params is not None:
+            out["eval/ema_top1"] = accuracy(state.ema_params)["top1"]
+        return out
+
+    if trainer.teacher is not None and step == 0:
+        teacher = _sum_counts(eval_batches(), lambda b: trainer.teacher_eval_step(
+            trainer.teacher_variables, b), mesh)
+        writer.write(0, {"eval/teacher_top1": teacher["top1"],
+                         "eval/teacher_top5": teacher["top5"]})
+
+    batches = data.train_batches(
+        ds.name, data_dir=data_dir, global_batch_size=config.batch_size,
+        image_size=ds.image_size, seed=config.seed, augment=config.augment,
+        train_fraction=ds.train_fraction, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=step)
+    progress = _Progress(total_steps, step, config.batch_size,
+                         enabled=is_main and config.get("progress_bar", True))
+    last_eval: dict = {}
+    pending = []
+    try:
+        while step < total_steps:
+            batch = sharding.global_batch(next(batches), mesh)
+            state, metrics = trainer.train_step(state, trainer.teacher_variables, batch)
+            step += 1
+            pending.append(metrics)
+            progress.update()
+            if step % config.log_every_steps == 0 or step == total_steps:
+                summary = _mean_metrics(jax.device_get(pending))
+                pending = []
+                if not math.isfinite(summary["train/loss"]):
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({summary['train/loss']}) by step {step}; "
+                        f"last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+                writer.write(step, summary)
+                progress.loss = summary["train/loss"]
+            if step % config.eval_every_steps == 0 or step == total_steps:
+                last_eval = evaluate()
+                writer.write(step, last_eval)
+            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+                ckpt.save(step, state, meta)
+    finally:
+        progress.close()
+    if not last_eval:  # resumed at the end: report the final evaluation again
+        last_eval = evaluate()
+    if is_main:
+        params = state.ema_params if state.ema_params is not None else state.params["student"]
+        variables = {"params": params, **state.model_state["student"]}
+        checkpoint.save_model(os.path.join(workdir, "export"), jax.device_get(variables),
+                              model_name=config.student.name, num_classes=info.num_classes,
+                              overrides=trainer.student.overrides,
+                              extra={k: v for k, v in last_eval.items()})
+    writer.close()
+    ckpt.close()
+    return last_eval
+
+
+def _mean_metrics(metrics_list):
+    return {k: float(np.mean([float(m[k]) for m in metrics_list])) for k in metrics_list[0]}
+
+
+class _Progress:
+    """tqdm bar with images/s, the latest loss and ETA; a no-op when disabled."""
+
+    def __init__(self, total, initial, batch_size, enabled):
+        self._bar = None
+        self._batch_size = batch_size
+        self._start, self._done = time.perf_counter(), 0
+        self.loss = float("nan")
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             smoothing=0.1)
+
+    def update(self):
+        self._done += 1
+        if self._bar is not None:
+            rate = self._done * self._batch_size / (time.perf_counter() - self._start)
+            self._bar.set_postfix_str(f"{rate:.0f} img/s, loss {self.loss:.4f}", refresh=False)
+            self._bar.update()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()

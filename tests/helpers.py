@@ -1,0 +1,39 @@
+"""Tiny configs and random teachers shared by the trainer tests."""
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd import checkpoint, distill, models, recipes
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
+VIT = "deit_tiny_patch16_224"
+
+
+def tiny_config(method: str = "ce", *, data_dir: str = "", dataset: str = "sklearn_digits",
+                teacher_checkpoint: str = "", steps: int = 4, batch_size: int = 16, **fields):
+    config = recipes.base_config()
+    config.dataset.update(name=dataset, image_size=16, data_dir=data_dir)
+    config.student.name = VIT
+    config.student.overrides = dict(TINY_VIT)
+    config.method = distill.method_config(method, **fields)
+    if distill.method_entry(method).uses_teacher:
+        config.teacher.update(name=VIT, checkpoint=teacher_checkpoint)
+        config.teacher.overrides = dict(TINY_VIT)
+    config.optimizer.update(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine",
+                            warmup_epochs=0)
+    config.batch_size = batch_size
+    config.total_steps = steps
+    config.log_every_steps = 1
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.progress_bar = False
+    return config
+
+
+def random_teacher(out_dir: str, num_classes: int, *, name: str = VIT, overrides=None,
+                   seed: int = 1) -> str:
+    overrides = dict(TINY_VIT if overrides is None else overrides)
+    module = models.create_model(name, num_classes=num_classes, **overrides)
+    variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)), train=False)
+    return checkpoint.save_model(out_dir, jax.device_get(variables), model_name=name,
+                                 num_classes=num_classes, overrides=overrides)
