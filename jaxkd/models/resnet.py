@@ -1,0 +1,178 @@
+"""ResNet-18/34/50 laid out exactly as timm 1.0 builds them, so timm weights load one to one.
+
+Also holds the small pieces the other CNN families share (stochastic depth, PyTorch-style
+initialisers, symmetric-padding conv), so that the three CNN files agree on them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxkd.models.registry import register_model
+
+BN_MOMENTUM = 0.9  # Flax convention: PyTorch's BatchNorm momentum 0.1.
+
+
+def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+    """timm's DropPath: drop whole residual branches per sample, rescaling kept ones by 1/keep."""
+    if not train or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask.astype(x.dtype) / keep
+
+
+def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
+    """PyTorch's default nn.Linear init (kernel and bias uniform in +-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
+
+
+def conv2d(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
+           kernel_init: Callable = nn.initializers.lecun_normal(), dtype: Any = jnp.float32,
+           name: str | None = None) -> nn.Conv:
+    """A PyTorch-equivalent Conv2d: symmetric padding (k - 1) // 2, never 'SAME'."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def batch_norm(train: bool, *, eps: float = 1e-5, zero_scale: bool = False,
+               dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=eps,
+                        use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32,
+                        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                        name=name)
+
+
+# timm's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu') on every conv.
+_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; the last BN starts at zero (timm's zero_init_last)."""
+
+    planes: int
+    stride: int
+    downsample: bool
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = dict(kernel_init=_kaiming_fan_out, dtype=self.dtype)
+        y = conv2d(self.planes, 3, self.stride, name="conv1", **conv)(x)
+        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
+        y = conv2d(self.planes, 3, name="conv2", **conv)(y)
+        y = batch_norm(train, zero_scale=True, dtype=self.dtype, name="bn2")(y)
+        y = drop_path(self, y, self.drop_path_rate, train)
+        if self.downsample:
+            x = conv2d(self.planes, 1, self.stride, name="downsample_conv", **conv)(x)
+            x = batch_norm(train, dtype=self.dtype, name="downsample_bn")(x)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carries the stride, ResNet v1.5) -> 1x1 with 4x expansion."""
+
+    planes: int
+    stride: int
+    downsample: bool
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = dict(kernel_init=_kaiming_fan_out, dtype=self.dtype)
+        y = conv2d(self.planes, 1, name="conv1", **conv)(x)
+        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
+        y = conv2d(self.planes, 3, self.stride, name="conv2", **conv)(y)
+        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(y))
+        y = conv2d(self.planes * 4, 1, name="conv3", **conv)(y)
+        y = batch_norm(train, zero_scale=True, dtype=self.dtype, name="bn3")(y)
+        y = drop_path(self, y, self.drop_path_rate, train)
+        if self.downsample:
+            x = conv2d(self.planes * 4, 1, self.stride, name="downsample_conv", **conv)(x)
+            x = batch_norm(train, dtype=self.dtype, name="downsample_bn")(x)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """timm's default ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, global average pool.
+
+    Blocks are named `layer{stage}_{index}` (timm `layer{stage}.{index}`); stages are the outputs
+    of layer1..layer4 (strides 4, 8, 16, 32); the embedding is the pooled vector.
+    """
+
+    block: type[nn.Module]
+    layers: Sequence[int]
+    num_classes: int = 1000
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, pre_stage=None):
+        x = conv2d(64, 7, 2, kernel_init=_kaiming_fan_out, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        total_blocks = sum(self.layers)
+        block_index = 0
+        in_channels = 64
+        stages = []
+        for stage, (num_blocks, planes) in enumerate(zip(self.layers, (64, 128, 256, 512))):
+            if pre_stage is not None:
+                x = pre_stage(stage, x)
+            for i in range(num_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                out_channels = planes * self.block.expansion
+                # timm: drop rate grows linearly over all blocks, 0 for the first.
+                rate = self.drop_path_rate * block_index / max(total_blocks - 1, 1)
+                x = self.block(planes, stride, stride != 1 or in_channels != out_channels,
+                               drop_path_rate=rate, dtype=self.dtype,
+                               name=f"layer{stage + 1}_{i}")(x, train)
+                in_channels = out_channels
+                block_index += 1
+            stages.append(x)
+        embedding = jnp.mean(x, axis=(1, 2))
+        kernel_init, bias_init = torch_linear_init(in_channels)
+        logits = nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=bias_init,
+                          dtype=self.dtype, param_dtype=jnp.float32, name="head")(embedding)
+        return logits, {"embedding": embedding, "stages": stages}
+
+
+def _resnet(block, default_layers, num_classes, layers, drop_path_rate, dtype):
+    return ResNet(block=block, layers=tuple(layers or default_layers), num_classes=num_classes,
+                  drop_path_rate=drop_path_rate, dtype=dtype)
+
+
+@register_model("resnet18", family="cnn", converter="resnet")
+def resnet18(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
+             drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
+    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, layers, drop_path_rate, dtype)
+
+
+@register_model("resnet34", family="cnn", converter="resnet")
+def resnet34(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
+             drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
+    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, layers, drop_path_rate, dtype)
+
+
+@register_model("resnet50", family="cnn", converter="resnet")
+def resnet50(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
+             drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
+    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, layers, drop_path_rate, dtype)
