@@ -98,17 +98,8 @@ def timm_to_flax(
         if value.shape != leaf.shape:
             if reinit_head and path[1 : 1 + len(head)] == head:
                 if fresh is None:
-                    model = registry.create_model(name, num_classes=num_classes, **overrides)
-                    fresh = flax.traverse_util.flatten_dict(
-                        flax.core.unfreeze(
-                            jax.jit(model.init, static_argnames="train")(
-                                jax.random.PRNGKey(seed),
-                                np.zeros((1, *_img_hw(name, overrides), 3), np.float32),
-                                train=False,
-                            )
-                        )
-                    )
-                value = np.asarray(fresh[path])
+                    fresh = _fresh_head(name, num_classes, seed, head, overrides)
+                value = np.asarray(fresh[path[1 + len(head):]])
             else:
                 bad_shape.append(
                     f"{key}: checkpoint {sd[key].shape} -> {tuple(value.shape)}, "
@@ -132,6 +123,22 @@ def timm_to_flax(
             lines.append("  (a head of another class count loads with reinit_head=True)")
         raise ConversionError("\n".join(lines))
     return flax.traverse_util.unflatten_dict(out)
+
+
+def _fresh_head(name, num_classes, seed, head, overrides):
+    """A newly initialised head, flattened. Only the head subtree is returned from the jitted
+    init, so XLA drops the initialisers of every other parameter (most of the compile time)."""
+    model = registry.create_model(name, num_classes=num_classes, **overrides)
+    images = np.zeros((1, *_img_hw(name, overrides), 3), np.float32)
+
+    def init_head(rng):
+        subtree = model.init(rng, images, train=False)["params"]
+        for part in head:
+            subtree = subtree[part]
+        return subtree
+
+    return flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(jax.jit(init_head)(jax.random.PRNGKey(seed))))
 
 
 def _img_hw(name, overrides):
