@@ -10,11 +10,25 @@ per image (`--train-interpolation random`) and evaluates with the model's interp
 (bicubic for most ViTs); we use bilinear everywhere because it never leaves [0, 1] (bicubic
 overshoots) and, for the up-sampling of 8 px and 32 px images, antialiasing does nothing.
 
-Plug-in points: per-example transforms (RandAugment, random erasing) go into the list built by
-`example_transforms`; batch-level ones (mixup, cutmix) into `batch_transforms`.
+Per-example transforms are listed by `example_transforms` (crop, flip, RandAugment); batch-level
+ones, seeded per step, by `batch_transforms` (mixup/cutmix, then random erasing). The ViT/MLP
+student recipe's augmentations follow the official OFA-KD code (timm 0.6.5 `train.py` with its
+default prefetcher): RandAugment on each image after crop and flip, mixup/cutmix on the batch
+(`FastCollateMixup`, 'batch' mode), random erasing on the mixed batch (`PrefetchLoader`).
+Deviations from timm, all because our images are float [0, 1] before the per-model
+normalisation of the train step:
+  * RandAugment's geometric ops fill with timm's default grey 128 (timm's train transform uses
+    the dataset mean) and interpolate bilinearly (timm picks bilinear or bicubic per call).
+  * Mixed images are not rounded to uint8 (`FastCollateMixup` rounds).
+  * Random erasing ('pixel' mode) fills with uniform [0, 1) noise in image space, where timm
+    draws N(0, 1) in the normalised space. Normal noise is not possible without one model's
+    constants (teacher and student see the same batch) and would leave [0, 1]; after
+    normalisation uniform noise has mean 0.07..0.42 and std 1.26..1.29 with ImageNet constants
+    (-0.03..0.21 and 1.05..1.13 with CIFAR's): the first two moments of N(0, 1), roughly.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,11 +46,41 @@ RESIZE_METHOD = tf.image.ResizeMethod.BILINEAR
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Train augmentation switches (timm defaults)."""
+    """Train augmentation switches; defaults are timm's, with the ViT-recipe extras off.
+
+    randaugment: "" (off) or a timm RandAugment spec such as "rand-m9-mstd0.5-inc1".
+    random_erasing: probability per image (timm's `--reprob`, 'pixel' mode, one box).
+    mixup_alpha, cutmix_alpha: Beta concentrations, > 0 switches each on. With either on,
+    batches carry soft labels float32 [B, num_classes], smoothed by `label_smoothing`.
+    mixup_prob: probability that a batch is mixed at all; mixup_switch_prob: probability of
+    cutmix rather than mixup when both are on (timm's `--mixup-prob`, `--mixup-switch-prob`).
+    """
 
     random_resized_crop: bool = True
     scale_min: float = 0.08
     flip: bool = True
+    randaugment: str = ""
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.randaugment:
+            parse_randaugment(self.randaugment)  # A bad spec fails when the config is built.
+        for name in ("random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixup_alpha < 0.0 or self.cutmix_alpha < 0.0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got "
+                             f"{self.mixup_alpha} and {self.cutmix_alpha}")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether mixup or cutmix is on, i.e. whether labels are soft."""
+        return self.mixup_alpha > 0.0 or self.cutmix_alpha > 0.0
 
     @classmethod
     def from_config(cls, config: "AugmentConfig | Mapping[str, Any] | ml_collections.ConfigDict"
@@ -132,10 +176,9 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
 
 
 def example_transforms(config: AugmentConfig | None, image_size: int) -> list[ExampleTransform]:
-    """The per-example train transforms in order; the first one sets the size.
+    """The per-example train transforms in order (timm's): crop or resize, flip, RandAugment.
 
-    `config=None` means no augmentation: a plain resize. RandAugment and random erasing will
-    be appended here.
+    `config=None` means no augmentation: a plain resize.
     """
     if config is not None and config.random_resized_crop:
         transforms = [lambda image, seed: random_resized_crop(
@@ -144,13 +187,25 @@ def example_transforms(config: AugmentConfig | None, image_size: int) -> list[Ex
         transforms = [lambda image, seed: resize(image, image_size)]
     if config is not None and config.flip:
         transforms.append(tf.image.stateless_random_flip_left_right)
+    if config is not None and config.randaugment:
+        spec = parse_randaugment(config.randaugment)
+        transforms.append(lambda image, seed: rand_augment(image, seed, spec))
     return transforms
 
 
 def batch_transforms(config: AugmentConfig | None) -> list[BatchTransform]:
-    """The batch-level train transforms (mixup and cutmix will go here); none exist yet."""
-    del config
-    return []
+    """The batch-level train transforms in order: mixup/cutmix, then random erasing.
+
+    Mixing needs one-hot labels float32 [B, num_classes] (the pipeline encodes them when
+    `config.mixes`); it returns the smoothed, mixed targets in their place.
+    """
+    transforms = []
+    if config is not None and config.mixes:
+        transforms.append(lambda batch, seed: mixup_cutmix(batch, seed, config))
+    if config is not None and config.random_erasing > 0.0:
+        transforms.append(lambda batch, seed: random_erasing(
+            batch, seed, probability=config.random_erasing))
+    return transforms
 
 
 def apply_example_transforms(image: tf.Tensor, seed: tf.Tensor,
@@ -159,3 +214,479 @@ def apply_example_transforms(image: tf.Tensor, seed: tf.Tensor,
     for position, transform in enumerate(transforms):
         image = transform(image, tf.random.experimental.stateless_fold_in(seed, position))
     return image
+
+
+# RandAugment: timm's rand_augment_transform. The ops work on uint8 levels held as float32
+# (the image is rounded to 1/255 steps first, as timm's PIL images are uint8) and round or
+# truncate their results as PIL does, so that each op reproduces timm's PIL op.
+
+LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the strongest setting.
+RANDAUGMENT_FILL = 128.0  # timm's _FILL grey for pixels that geometric ops move in.
+RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                   "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
+                   "ShearY", "TranslateXRel", "TranslateYRel")  # timm's _RAND_TRANSFORMS
+RANDAUGMENT_INCREASING_OPS = tuple(  # timm's _RAND_INCREASING_TRANSFORMS
+    name + "Increasing" if name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness",
+                                    "Sharpness") else name
+    for name in RANDAUGMENT_OPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string (timm's defaults)."""
+
+    magnitude: float = LEVEL_DENOM
+    num_layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0  # inf: magnitude uniform in [0, magnitude].
+    magnitude_max: float = LEVEL_DENOM
+    increasing: bool = False
+
+    @property
+    def op_names(self) -> tuple[str, ...]:
+        return RANDAUGMENT_INCREASING_OPS if self.increasing else RANDAUGMENT_OPS
+
+
+def parse_randaugment(spec: str) -> RandAugmentSpec:
+    """Parses "rand-m9-n2-p0.5-mstd0.5-mmax10-inc1" (any subset, any order) as timm does.
+
+    timm's transform-set choice ('t...') is not supported, and unknown sections raise where
+    timm skips them.
+    """
+    sections = spec.split("-")
+    if sections[0] != "rand":
+        raise ValueError(f"RandAugment spec {spec!r} must start with 'rand'")
+    values: dict[str, Any] = {}
+    for section in sections[1:]:
+        key = next((name for name in ("mstd", "mmax", "inc", "m", "n", "p")
+                    if section.startswith(name) and section[len(name):][:1].isdigit()), None)
+        if key is None:
+            raise ValueError(f"unknown section {section!r} in RandAugment spec {spec!r}; "
+                             "known: m, n, p, mstd, mmax, inc")
+        value = section[len(key):]
+        if key == "mstd":
+            values["magnitude_std"] = math.inf if float(value) > 100 else float(value)
+        elif key == "mmax":
+            values["magnitude_max"] = float(int(value))
+        elif key == "inc":
+            values["increasing"] = bool(int(value))
+        elif key == "m":
+            values["magnitude"] = float(int(value))
+        elif key == "n":
+            values["num_layers"] = int(value)
+        else:
+            values["prob"] = float(value)
+    return RandAugmentSpec(**values)
+
+
+def _negated(value: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
+    return tf.where(negate, -value, value)
+
+
+def _floor_level(magnitude: tf.Tensor, scale: float) -> tf.Tensor:
+    """timm's int((magnitude / 10) * scale) for magnitude >= 0."""
+    return tf.floor(magnitude / LEVEL_DENOM * scale)
+
+
+def _enhance(magnitude: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
+    del negate
+    return magnitude / LEVEL_DENOM * 1.8 + 0.1
+
+
+def _enhance_increasing(magnitude: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
+    return tf.maximum(tf.constant(0.1, tf.float64),
+                      1.0 + _negated(magnitude / LEVEL_DENOM * 0.9, negate))
+
+
+# timm's LEVEL_TO_ARG: float64 magnitude in [0, magnitude_max] and a sign -> the op argument.
+_LEVEL_TO_ARG = {
+    "Rotate": lambda m, negate: _negated(m / LEVEL_DENOM * 30.0, negate),
+    "Posterize": lambda m, negate: _floor_level(m, 4.0),
+    "PosterizeIncreasing": lambda m, negate: 4.0 - _floor_level(m, 4.0),
+    "Solarize": lambda m, negate: tf.minimum(tf.constant(256.0, tf.float64),
+                                             _floor_level(m, 256.0)),
+    "SolarizeIncreasing": lambda m, negate: 256.0 - tf.minimum(
+        tf.constant(256.0, tf.float64), _floor_level(m, 256.0)),
+    "SolarizeAdd": lambda m, negate: tf.minimum(tf.constant(128.0, tf.float64),
+                                                _floor_level(m, 110.0)),
+    "ShearX": lambda m, negate: _negated(m / LEVEL_DENOM * 0.3, negate),
+    "ShearY": lambda m, negate: _negated(m / LEVEL_DENOM * 0.3, negate),
+    "TranslateXRel": lambda m, negate: _negated(m / LEVEL_DENOM * 0.45, negate),
+    "TranslateYRel": lambda m, negate: _negated(m / LEVEL_DENOM * 0.45, negate),
+}
+_ENHANCE_OPS = ("Color", "Contrast", "Brightness", "Sharpness")
+_LEVEL_TO_ARG |= {name: _enhance for name in _ENHANCE_OPS}
+_LEVEL_TO_ARG |= {name + "Increasing": _enhance_increasing for name in _ENHANCE_OPS}
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's Image.blend(degenerate, image, factor): float32 arithmetic, clipped, truncated."""
+    factor = tf.cast(factor, tf.float32)
+    return tf.floor(tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0))
+
+
+def _grayscale(levels: tf.Tensor) -> tf.Tensor:
+    """PIL's RGB -> L conversion (fixed-point ITU-R 601-2 luma, rounded), as float32 [H, W]."""
+    rgb = tf.cast(levels, tf.int32)
+    luma = tf.bitwise.right_shift(
+        rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000, 16)
+    return tf.cast(luma, tf.float32)
+
+
+def _mean_luma(levels: tf.Tensor) -> tf.Tensor:
+    """ImageEnhance.Contrast's grey: the luma mean rounded half up (float64: the sum is exact)."""
+    mean = tf.reduce_mean(tf.cast(_grayscale(levels), tf.float64))
+    return tf.cast(tf.floor(mean + 0.5), tf.float32)
+
+
+def _auto_contrast(levels: tf.Tensor) -> tf.Tensor:
+    """ImageOps.autocontrast: each channel's [min, max] stretched to [0, 255], truncated."""
+    values = tf.cast(levels, tf.float64)
+    low = tf.reduce_min(values, axis=(0, 1))
+    high = tf.reduce_max(values, axis=(0, 1))
+    scale = 255.0 / tf.maximum(high - low, 1.0)
+    stretched = tf.clip_by_value(tf.floor(values * scale - low * scale), 0.0, 255.0)
+    return tf.cast(tf.where(high > low, stretched, values), tf.float32)
+
+
+def _equalize(levels: tf.Tensor) -> tf.Tensor:
+    """ImageOps.equalize: each channel through PIL's histogram-equalisation table."""
+    channels = []
+    for channel in tf.unstack(tf.cast(levels, tf.int32), axis=-1):
+        histogram = tf.math.bincount(tf.reshape(channel, [-1]), minlength=256, maxlength=256)
+        # PIL: step = (count - count of the highest level present) // 255.
+        step = (tf.reduce_sum(histogram) - histogram[tf.reduce_max(channel)]) // 255
+        table = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
+        table = tf.where(step > 0, tf.minimum(table, 255), tf.range(256))
+        channels.append(tf.gather(table, channel))
+    return tf.cast(tf.stack(channels, axis=-1), tf.float32)
+
+
+def _posterize(levels: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
+    """ImageOps.posterize: keep the top `bits` bits. 0 bits (PosterizeIncreasing at magnitude
+    10), which PIL 13 rejects, gives black as older PIL's table did."""
+    bits = tf.cast(bits, tf.int32)
+    mask = tf.bitwise.invert(tf.bitwise.left_shift(1, 8 - tf.minimum(bits, 8)) - 1)
+    return tf.cast(tf.bitwise.bitwise_and(tf.cast(levels, tf.int32), mask), tf.float32)
+
+
+def _sharpness(levels: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (3x3, centre 5, sum 13, rounded
+    half up, in integers), which leaves the one-pixel border unfiltered."""
+    values = tf.cast(levels, tf.int32)
+    shape = tf.shape(levels)
+    total = tf.add_n([values[row:shape[0] - 2 + row, col:shape[1] - 2 + col]
+                      * (5 if (row, col) == (1, 1) else 1)
+                      for row in range(3) for col in range(3)])
+    smooth = tf.cast((2 * total + 13) // 26, tf.float32)
+    degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
+    rows, cols = tf.range(shape[0])[:, None], tf.range(shape[1])[None, :]
+    inner = (rows > 0) & (rows < shape[0] - 1) & (cols > 0) & (cols < shape[1] - 1)
+    return _blend(tf.where(inner[..., None], degenerate, levels), levels, factor)
+
+
+def _affine(levels: tf.Tensor, matrix) -> tf.Tensor:
+    """PIL's Image.transform(AFFINE, matrix, BILINEAR, fillcolor=grey), in float64.
+
+    `matrix` (a, b, c, d, e, f) maps each output pixel centre (x, y) (pixel i's centre is at
+    i + 0.5) to the input point (a x + b y + c, d x + e y + f); points outside the image take
+    the fill, the others interpolate bilinearly between the nearest pixel centres (edge pixels
+    repeated) and are truncated to a level.
+    """
+    a, b, c, d, e, f = matrix
+    shape = tf.shape(levels)
+    height, width = shape[0], shape[1]
+    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float64) + 0.5,
+                         tf.range(width, dtype=tf.float64) + 0.5, indexing="ij")
+    x_in = a * xs + b * ys + c
+    y_in = d * xs + e * ys + f
+    inside = ((x_in >= 0.0) & (x_in < tf.cast(width, tf.float64))
+              & (y_in >= 0.0) & (y_in < tf.cast(height, tf.float64)))
+    x_in, y_in = x_in - 0.5, y_in - 0.5
+    x0, y0 = tf.floor(x_in), tf.floor(y_in)
+    dx, dy = (x_in - x0)[..., None], (y_in - y0)[..., None]
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    columns = [tf.clip_by_value(x0 + offset, 0, width - 1) for offset in (0, 1)]
+    rows = [tf.clip_by_value(y0 + offset, 0, height - 1) for offset in (0, 1)]
+    pixels = tf.reshape(tf.cast(levels, tf.float64), [-1, tf.shape(levels)[2]])
+
+    def pixel(row, column):
+        return tf.gather(pixels, row * width + column)
+
+    # PIL's order of operations: v = a + (b - a) * d along x, then along y.
+    top_left, top_right = pixel(rows[0], columns[0]), pixel(rows[0], columns[1])
+    bottom_left, bottom_right = pixel(rows[1], columns[0]), pixel(rows[1], columns[1])
+    top = top_left + (top_right - top_left) * dx
+    bottom = bottom_left + (bottom_right - bottom_left) * dx
+    interpolated = tf.floor(top + (bottom - top) * dy)
+    return tf.cast(tf.where(inside[..., None], interpolated, RANDAUGMENT_FILL), tf.float32)
+
+
+def _rotate(levels: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
+    """Image.rotate(degrees) about the image centre (counter-clockwise), no expansion."""
+    shape = tf.cast(tf.shape(levels), tf.float64)
+    center_x, center_y = shape[1] / 2.0, shape[0] / 2.0
+    angle = -tf.math.floormod(degrees, 360.0) * (math.pi / 180.0)
+    # PIL rounds cos and sin to 15 decimals (making e.g. sin(30 degrees) exactly 0.5).
+    cos, sin = (tf.round(value * 1e15) / 1e15 for value in (tf.cos(angle), tf.sin(angle)))
+    return _affine(levels, (cos, sin, cos * -center_x + sin * -center_y + center_x,
+                            -sin, cos, -sin * -center_x + cos * -center_y + center_y))
+
+
+def _image_width(levels: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.shape(levels)[1], tf.float64)
+
+
+def _image_height(levels: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.shape(levels)[0], tf.float64)
+
+
+# timm's NAME_TO_OP on levels: (image, argument) -> image.
+_OPS = {
+    "AutoContrast": lambda image, arg: _auto_contrast(image),
+    "Equalize": lambda image, arg: _equalize(image),
+    "Invert": lambda image, arg: 255.0 - image,
+    "Rotate": _rotate,
+    "Posterize": _posterize,
+    "Solarize": lambda image, threshold: tf.where(
+        image < tf.cast(threshold, tf.float32), image, 255.0 - image),
+    "SolarizeAdd": lambda image, add: tf.where(
+        image < 128.0, tf.minimum(image + tf.cast(add, tf.float32), 255.0), image),
+    "Color": lambda image, factor: _blend(
+        tf.tile(_grayscale(image)[..., None], [1, 1, 3]), image, factor),
+    "Contrast": lambda image, factor: _blend(
+        tf.fill(tf.shape(image), _mean_luma(image)), image, factor),
+    "Brightness": lambda image, factor: _blend(tf.zeros_like(image), image, factor),
+    "Sharpness": _sharpness,
+    "ShearX": lambda image, shear: _affine(image, (1.0, shear, 0.0, 0.0, 1.0, 0.0)),
+    "ShearY": lambda image, shear: _affine(image, (1.0, 0.0, 0.0, shear, 1.0, 0.0)),
+    "TranslateXRel": lambda image, fraction: _affine(
+        image, (1.0, 0.0, fraction * _image_width(image), 0.0, 1.0, 0.0)),
+    "TranslateYRel": lambda image, fraction: _affine(
+        image, (1.0, 0.0, 0.0, 0.0, 1.0, fraction * _image_height(image))),
+}
+_OPS |= {name + "Increasing": _OPS[name] for name in ("Posterize", "Solarize") + _ENHANCE_OPS}
+
+
+def randaugment_op(name: str, levels: tf.Tensor, magnitude: tf.Tensor,
+                   negate: tf.Tensor) -> tf.Tensor:
+    """One timm RandAugment op on uint8 levels (float32 [H, W, 3] integers in [0, 255]).
+
+    `magnitude` is the already clipped magnitude, `negate` timm's random sign of signed
+    arguments (rotation, shear, translation, the 'Increasing' enhancement factors).
+    """
+    magnitude = tf.cast(magnitude, tf.float64)
+    level_to_arg = _LEVEL_TO_ARG.get(name)
+    argument = None if level_to_arg is None else level_to_arg(magnitude, negate)
+    return _OPS[name](levels, argument)
+
+
+def randaugment_draws(seed: tf.Tensor, spec: RandAugmentSpec) -> dict[str, tf.Tensor]:
+    """The random numbers of one image's RandAugment, one entry per layer, as timm uses them.
+
+    "op": op index, uniform with replacement (timm's np.random.choice); "apply_draw": the op
+    runs when <= prob; "magnitude": before clipping to [0, magnitude_max] (float64);
+    "sign_draw": a signed argument is negated when > 0.5.
+    """
+    op_seed, apply_seed, magnitude_seed, sign_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4))
+    layers = [spec.num_layers]
+    if math.isinf(spec.magnitude_std):
+        magnitude = tf.random.stateless_uniform(layers, magnitude_seed, maxval=spec.magnitude,
+                                                dtype=tf.float64)
+    else:
+        magnitude = spec.magnitude + spec.magnitude_std * tf.random.stateless_normal(
+            layers, magnitude_seed, dtype=tf.float64)
+    return {"op": tf.random.stateless_uniform(layers, op_seed, minval=0,
+                                              maxval=len(spec.op_names), dtype=tf.int32),
+            "apply_draw": tf.random.stateless_uniform(layers, apply_seed),
+            "magnitude": magnitude,
+            "sign_draw": tf.random.stateless_uniform(layers, sign_seed)}
+
+
+def rand_augment(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec) -> tf.Tensor:
+    """timm's RandAugment on a float [0, 1] image: `num_layers` random ops, each applied with
+    probability `prob` at a noisy magnitude. The result is on the 1/255 grid."""
+    draws = randaugment_draws(seed, spec)
+    levels = tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0)
+    for layer in range(spec.num_layers):
+        levels = tf.cond(
+            draws["apply_draw"][layer] <= spec.prob,
+            lambda levels=levels, layer=layer: _random_op(
+                levels, draws["op"][layer],
+                tf.clip_by_value(draws["magnitude"][layer], 0.0, spec.magnitude_max),
+                draws["sign_draw"][layer] > 0.5, spec.op_names),
+            lambda levels=levels: levels)
+    return tf.ensure_shape(levels / 255.0, image.shape)
+
+
+@tf.function(autograph=False, reduce_retracing=True)
+def _random_op(levels: tf.Tensor, op_index: tf.Tensor, magnitude: tf.Tensor,
+               negate: tf.Tensor, op_names: tuple[str, ...]) -> tf.Tensor:
+    """The op of index `op_index`. A tf.function: traced once per image shape and op set, not
+    per layer and per pipeline (each epoch builds one), as tracing the ops takes seconds."""
+    branches = [functools.partial(randaugment_op, name, levels, magnitude, negate)
+                for name in op_names]
+    return tf.switch_case(op_index, branches)
+
+
+# Mixup and cutmix: timm's Mixup in 'batch' mode. One draw per batch decides whether to mix
+# (mixup_prob), which of the two (mixup_switch_prob when both are on) and lambda ~ Beta(alpha,
+# alpha); every row is mixed with the row at the mirrored position (timm's x.flip(0)).
+
+
+def cutmix_box(lam: tf.Tensor, center_y: tf.Tensor, center_x: tf.Tensor, height: tf.Tensor,
+               width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """timm's rand_bbox + cutmix_bbox_and_lam: a box of side fractions sqrt(1 - lam) about the
+    centre, clipped to the image, as int32 [top, bottom, left, right) and the lambda corrected
+    to the fraction of the image outside the box (float64)."""
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    ratio = tf.sqrt(1.0 - tf.cast(lam, tf.float64))
+    cut_height = tf.cast(tf.floor(tf.cast(height, tf.float64) * ratio), tf.int32)
+    cut_width = tf.cast(tf.floor(tf.cast(width, tf.float64) * ratio), tf.int32)
+    top = tf.clip_by_value(center_y - cut_height // 2, 0, height)
+    bottom = tf.clip_by_value(center_y + (cut_height + 1) // 2, 0, height)
+    left = tf.clip_by_value(center_x - cut_width // 2, 0, width)
+    right = tf.clip_by_value(center_x + (cut_width + 1) // 2, 0, width)
+    area = tf.cast((bottom - top) * (right - left), tf.float64)
+    return tf.stack([top, bottom, left, right]), 1.0 - area / tf.cast(height * width,
+                                                                      tf.float64)
+
+
+def mix_params(seed: tf.Tensor, config: AugmentConfig, height: tf.Tensor, width: tf.Tensor
+               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One batch's (use_cutmix bool, lambda float64, box int32 [4]) as timm draws them.
+
+    lambda is 1 when the batch is not mixed and the corrected one under cutmix; the box is
+    empty unless cutmix is used.
+    """
+    mix_seed, switch_seed, beta_seed, center_y_seed, center_x_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 5))
+    mix = tf.random.stateless_uniform([], mix_seed) < config.mixup_prob
+    if config.mixup_alpha > 0.0 and config.cutmix_alpha > 0.0:
+        use_cutmix = tf.random.stateless_uniform([], switch_seed) < config.mixup_switch_prob
+        alpha = tf.where(use_cutmix, tf.constant(config.cutmix_alpha, tf.float64),
+                         tf.constant(config.mixup_alpha, tf.float64))
+    else:
+        use_cutmix = tf.constant(config.cutmix_alpha > 0.0)
+        alpha = tf.constant(max(config.mixup_alpha, config.cutmix_alpha), tf.float64)
+    gammas = tf.random.stateless_gamma([2], beta_seed, alpha=alpha, dtype=tf.float64)
+    lam = tf.where(mix, gammas[0] / (gammas[0] + gammas[1]), tf.constant(1.0, tf.float64))
+    use_cutmix = use_cutmix & mix
+    center_y = tf.random.stateless_uniform([], center_y_seed, minval=0, maxval=height,
+                                           dtype=tf.int32)
+    center_x = tf.random.stateless_uniform([], center_x_seed, minval=0, maxval=width,
+                                           dtype=tf.int32)
+    box, cut_lam = cutmix_box(lam, center_y, center_x, height, width)
+    return (use_cutmix, tf.where(use_cutmix, cut_lam, lam),
+            tf.where(use_cutmix, box, tf.zeros_like(box)))
+
+
+def mix_batch(images: tf.Tensor, one_hot_labels: tf.Tensor, use_cutmix: tf.Tensor,
+              lam: tf.Tensor, box: tf.Tensor, label_smoothing: float
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mixes images [B, H, W, C] with their mirrored rows and builds timm's mixup_target.
+
+    Cutmix pastes the mirrored rows' box, mixup blends with weight lam (in float32 the blend
+    of values in [0, 1] cannot exceed 1). Targets: smoothed one-hot (1 - s + s / C on the
+    label, s / C elsewhere), mixed with the mirrored rows' by lam.
+    """
+    lam = tf.cast(lam, tf.float32)
+    mirrored = tf.reverse(images, axis=[0])
+
+    def cut():
+        top, bottom, left, right = tf.unstack(box)
+        shape = tf.shape(images)
+        rows, cols = tf.range(shape[1])[:, None], tf.range(shape[2])[None, :]
+        in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+        return tf.where(in_box[None, :, :, None], mirrored, images)
+
+    mixed = tf.cond(use_cutmix, cut, lambda: images * lam + mirrored * (1.0 - lam))
+    num_classes = tf.cast(tf.shape(one_hot_labels)[-1], tf.float32)
+    smoothed = one_hot_labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+    targets = smoothed * lam + tf.reverse(smoothed, axis=[0]) * (1.0 - lam)
+    return mixed, targets
+
+
+def mixup_cutmix(batch: dict[str, tf.Tensor], seed: tf.Tensor, config: AugmentConfig
+                 ) -> dict[str, tf.Tensor]:
+    """The mixup/cutmix batch transform: one-hot "label" in, mixed soft targets out."""
+    images = batch["image"]
+    shape = tf.shape(images)
+    use_cutmix, lam, box = mix_params(seed, config, shape[1], shape[2])
+    images, targets = mix_batch(images, batch["label"], use_cutmix, lam, box,
+                                config.label_smoothing)
+    return {**batch, "image": images, "label": targets}
+
+
+# Random erasing: timm's RandomErasing with one box per image ('pixel' mode, count 1), each
+# image of the batch independently.
+
+ERASE_AREA = (0.02, 1.0 / 3.0)  # timm's min_area, max_area (fractions of the image)
+ERASE_ASPECT = (0.3, 1.0 / 0.3)  # timm's min_aspect and its default 1 / min_aspect
+ERASE_ATTEMPTS = 10
+
+
+def random_erasing_params(seed: tf.Tensor, batch_size: tf.Tensor, height: tf.Tensor,
+                          width: tf.Tensor, probability: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per image: int32 [B, 4] windows [top, left, height, width] (empty: not erased) and
+    int64 [B, 2] seeds of their noise.
+
+    As timm: erase with `probability`; up to 10 attempts of area fraction uniform in
+    ERASE_AREA and log aspect (height / width) uniform in log(ERASE_ASPECT), sides rounded;
+    the first attempt strictly smaller than the image is placed uniformly at random,
+    otherwise nothing is erased.
+    """
+    apply_seed, area_seed, aspect_seed, top_seed, left_seed, noise_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 6))
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    apply = tf.random.stateless_uniform([batch_size], apply_seed) <= probability
+    attempts = [batch_size, ERASE_ATTEMPTS]
+    area = tf.cast(height * width, tf.float64) * tf.random.stateless_uniform(
+        attempts, area_seed, minval=ERASE_AREA[0], maxval=ERASE_AREA[1], dtype=tf.float64)
+    aspect = tf.exp(tf.random.stateless_uniform(
+        attempts, aspect_seed, minval=math.log(ERASE_ASPECT[0]),
+        maxval=math.log(ERASE_ASPECT[1]), dtype=tf.float64))
+    erase_height = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+    erase_width = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    fits = (erase_height < height) & (erase_width < width)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    erased = apply & tf.reduce_any(fits, axis=1)
+    erase_height = tf.where(erased, tf.gather(erase_height, first, batch_dims=1), 0)
+    erase_width = tf.where(erased, tf.gather(erase_width, first, batch_dims=1), 0)
+    # Uniform integers in [0, height - erase_height] (timm's inclusive randint).
+    top = tf.cast(tf.floor(tf.random.stateless_uniform([batch_size], top_seed, dtype=tf.float64)
+                           * tf.cast(height - erase_height + 1, tf.float64)), tf.int32)
+    left = tf.cast(tf.floor(tf.random.stateless_uniform([batch_size], left_seed,
+                                                        dtype=tf.float64)
+                            * tf.cast(width - erase_width + 1, tf.float64)), tf.int32)
+    noise_seeds = tf.random.experimental.stateless_split(noise_seed, batch_size)
+    return tf.stack([top, left, erase_height, erase_width], axis=1), noise_seeds
+
+
+def erase(image: tf.Tensor, window: tf.Tensor, noise_seed: tf.Tensor) -> tf.Tensor:
+    """Fills one image's window [top, left, height, width] with noise uniform in [0, 1),
+    `tf.random.stateless_uniform([height, width, C], noise_seed)`."""
+    top, left, erase_height, erase_width = tf.unstack(window)
+
+    def erased():
+        shape = tf.shape(image)
+        noise = tf.random.stateless_uniform(tf.stack([erase_height, erase_width, shape[2]]),
+                                            noise_seed)
+        band = tf.concat([image[top:top + erase_height, :left], noise,
+                          image[top:top + erase_height, left + erase_width:]], axis=1)
+        return tf.concat([image[:top], band, image[top + erase_height:]], axis=0)
+
+    return tf.cond(erase_height * erase_width > 0, erased, lambda: image)
+
+
+def random_erasing(batch: dict[str, tf.Tensor], seed: tf.Tensor, probability: float
+                   ) -> dict[str, tf.Tensor]:
+    """The random-erasing batch transform (noise is drawn only for the erased windows)."""
+    images = batch["image"]
+    shape = tf.shape(images)
+    windows, noise_seeds = random_erasing_params(seed, shape[0], shape[1], shape[2],
+                                                 probability)
+    images = tf.map_fn(lambda args: erase(*args), (images, windows, noise_seeds),
+                       fn_output_signature=images.dtype)
+    return {**batch, "image": images}

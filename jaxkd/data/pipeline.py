@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from jaxkd.data import augment as augment_lib
 from jaxkd.data import digits  # noqa: F401  (registers `sklearn_digits` with TFDS)
+from jaxkd.errors import ConfigError, JaxkdError
 
 if tf.config.list_physical_devices("GPU"):
     tf.config.set_visible_devices([], "GPU")  # The accelerators belong to JAX.
@@ -67,7 +68,7 @@ _SPECS = {
 SUPPORTED_DATASETS = tuple(_SPECS)
 
 
-class DatasetNotAvailableError(RuntimeError):
+class DatasetNotAvailableError(JaxkdError, RuntimeError):
     """The dataset is not prepared locally and preparing it needs data we do not have."""
 
 
@@ -84,7 +85,7 @@ class DatasetInfo:
 
 def _spec(name: str) -> _DatasetSpec:
     if name not in _SPECS:
-        raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(SUPPORTED_DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(SUPPORTED_DATASETS)}")
     return _SPECS[name]
 
 
@@ -207,7 +208,8 @@ def train_batches(name: str, *, data_dir: str | None = None, global_batch_size: 
     Each process reads its even share of the train split (equal sizes, remainder dropped);
     each epoch reshuffles it with seeds from (seed, epoch) and drops the last partial batch,
     so batch k is a function of (seed, k) alone and `start_step=k` starts there, skipping
-    only within the epoch. `augment=None` means a plain resize.
+    only within the epoch. `augment=None` means a plain resize. "label" is int32 [B], or
+    float32 [B, num_classes] soft targets when the augmentation mixes images (mixup/cutmix).
     """
     builder = prepare(name, data_dir)
     info = _dataset_info(builder, _spec(name), train_fraction)
@@ -217,6 +219,7 @@ def train_batches(name: str, *, data_dir: str | None = None, global_batch_size: 
     config = None if augment is None else augment_lib.AugmentConfig.from_config(augment)
     example_transforms = augment_lib.example_transforms(config, image_size)
     batch_transforms = augment_lib.batch_transforms(config)
+    one_hot_labels = config is not None and config.mixes  # Mixing makes soft targets.
     decode = _decoder(builder, "train")
 
     num_local = builder.info.splits[local_split].num_examples
@@ -233,6 +236,8 @@ def train_batches(name: str, *, data_dir: str | None = None, global_batch_size: 
             image = augment_lib.apply_example_transforms(
                 image, tf.random.experimental.stateless_fold_in(example_seed, index),
                 example_transforms)
+            if one_hot_labels:
+                label = tf.one_hot(label, info.num_classes)
             return {"image": image, "label": label, "index": index}
 
         def apply_batch_transforms(step, batch):
