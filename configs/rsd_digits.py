@@ -5,32 +5,38 @@ Command:
   python -m jaxkd.main --config=configs/rsd_digits.py --workdir=runs/demo
 
 Digits are real 8x8 scans (1797 images, 10 classes, shipped with scikit-learn) served through
-the same TFDS pipeline as CIFAR-100 (fixed 1437/360 train/test split), upsampled to 32 px.
+the same TFDS pipeline as CIFAR-100 (fixed 1437/360 train/test split), upsampled to 16 px.
 A small ResNet teacher is trained on the whole train split (reused from the workdir when it
 is already there); then a small DeiT student is trained three ways on a fraction of the train
 split (as in PAT's data-efficiency study, where a teacher's knowledge matters most): from
 scratch, with KD and with RSD. The run ends with a table of held-out top-1 (summary.md) and
 the accuracy curves (accuracy.png) in the workdir.
+
+Expected held-out top-1 (one run on 2 CPU cores): teacher 96.9, scratch 67.2, KD 71.1,
+RSD 80.3.
 """
 
 import ml_collections
 
 from jaxkd import distill, recipes
 
+IMAGE_SIZE = 16
 TEACHER = "resnet18"
+TEACHER_OVERRIDES = {"layers": (1, 1, 1, 1)}  # ResNet18 widths, one block per stage
 STUDENT = "deit_tiny_patch16_224"
-STUDENT_OVERRIDES = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4,
+STUDENT_OVERRIDES = {"img_size": IMAGE_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 4,
                      "num_heads": 3}
 
 
 def _common(train_fraction: float, steps: int):
     config = recipes.base_config()
-    config.dataset.update(name="sklearn_digits", image_size=32, train_fraction=train_fraction)
+    config.dataset.update(name="sklearn_digits", image_size=IMAGE_SIZE,
+                          train_fraction=train_fraction)
     config.augment.update(random_resized_crop=True, scale_min=0.35, flip=False)
     config.batch_size = 64
     config.total_steps = steps
     config.log_every_steps = 20
-    config.eval_every_steps = 60
+    config.eval_every_steps = 50
     config.checkpoint_every_steps = steps
     return config
 
@@ -38,8 +44,9 @@ def _common(train_fraction: float, steps: int):
 def get_config(arg=None):
     del arg
     teacher = _common(train_fraction=1.0, steps=300)
-    teacher.description = "ResNet18 teacher, full train split"
+    teacher.description = "ResNet teacher (1 block per stage), full train split"
     teacher.student.name = TEACHER
+    teacher.student.overrides = TEACHER_OVERRIDES
     teacher.optimizer.update(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                              schedule="cosine", warmup_epochs=1)
     teacher.label_smoothing = 0.1
@@ -55,10 +62,13 @@ def get_config(arg=None):
         config.method = method
         if method.name != "ce":
             config.teacher.update(name=TEACHER, checkpoint="run:teacher")
+            config.teacher.overrides = TEACHER_OVERRIDES
         return config
 
     config = ml_collections.ConfigDict()
-    config.title = "digits: ResNet18 teacher -> DeiT student (25% of train)"
+    config.title = "digits: ResNet teacher -> DeiT student (25% of train)"
+    config.notes = ("One seed; the test split has 360 images, so one image is 0.28 points. "
+                    "The students see 359 training images for 300 steps of 64.")
     config.run_order = ("teacher", "scratch", "kd", "rsd")
     config.runs = ml_collections.ConfigDict({
         "teacher": teacher,

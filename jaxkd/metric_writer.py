@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
@@ -28,7 +30,7 @@ class MetricWriter:
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
+        log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
 
     def close(self) -> None:
         if self.enabled:
