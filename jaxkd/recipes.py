@@ -31,6 +31,16 @@ CIFAR_PAIRS = (
     ("convnext_t", "resmlp_s12"), ("swin_t", "resmlp_s12"),
 )
 
+# ImageNet pairs: ResNet18 and MobileNetV2 from DeiT-T, Swin-T, Mixer-B/16; DeiT-T, Swin-N and
+# ResMLP-S12 from ResNet50, ConvNeXt-T and Mixer-B/16 (ResMLP-S12: Swin-T instead of Mixer).
+IMAGENET_PAIRS = (
+    ("deit_t", "res18"), ("swin_t", "res18"), ("mixer_b16", "res18"),
+    ("deit_t", "mbv2"), ("swin_t", "mbv2"), ("mixer_b16", "mbv2"),
+    ("res50", "deit_t"), ("convnext_t", "deit_t"), ("mixer_b16", "deit_t"),
+    ("res50", "swin_n"), ("convnext_t", "swin_n"), ("mixer_b16", "swin_n"),
+    ("res50", "resmlp_s12"), ("convnext_t", "resmlp_s12"), ("swin_t", "resmlp_s12"),
+)
+
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 
@@ -44,8 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.description = ""  # one line, shown in suite summaries
+    # sampler "random" (jaxkd.data.train_batches) or "neighbours" (CoSS's nearest-neighbour
+    # batches, jaxkd.data.neighbours: anchors of 1 + num_neighbours images, neighbours drawn
+    # from the top neighbour_pool of a teacher index of index_size neighbours per example).
     c.dataset = ml_collections.ConfigDict(
-        {"name": "cifar100", "data_dir": "", "image_size": 224, "train_fraction": 1.0})
+        {"name": "cifar100", "data_dir": "", "image_size": 224, "train_fraction": 1.0,
+         "sampler": "random", "num_neighbours": 15, "neighbour_pool": 31, "index_size": 384})
     c.student = ml_collections.ConfigDict({"name": "", "overrides": {}})
     c.teacher = ml_collections.ConfigDict({"name": "", "checkpoint": "", "overrides": {}})
     c.method = distill.method_config("ce")
@@ -53,15 +67,31 @@ def base_config() -> ml_collections.ConfigDict:
         "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "b1": 0.9, "b2": 0.999,
         "eps": 1e-8, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0,
         "end_lr": 0.0, "decay_epochs": (), "decay_factor": 0.1, "clip_norm": 0.0})
+    # jaxkd.data.augment.AugmentConfig's fields; the ViT-recipe extras are off by default.
     c.augment = ml_collections.ConfigDict(
-        {"random_resized_crop": True, "scale_min": 0.08, "flip": True})
+        {"random_resized_crop": True, "scale_min": 0.08, "flip": True, "randaugment": "",
+         "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0,
+         "mixup_switch_prob": 0.5, "label_smoothing": 0.0})
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 0  # 0: same as batch_size
     c.num_epochs = 1.0
     c.total_steps = 0  # > 0 overrides num_epochs
     c.label_smoothing = 0.0
+    # False for unsupervised methods (CoSS): the trainer then reads no labels (no train/top1).
+    c.supervised = True
     c.compute_dtype = "float32"
+    # How the train state sits on the devices (jaxkd.sharding): "data" replicates it; "fsdp"
+    # shards parameters and optimiser state over the data axis. The same for the teacher.
+    c.sharding = "data"
+    c.teacher_sharding = "data"
+    # Multi-process runs (jaxkd.sharding.distributed_settings); unset = single process, or
+    # the JAXKD_COORDINATOR / JAXKD_NUM_PROCESSES / JAXKD_PROCESS_ID environment variables.
+    c.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1, "auto_detect": False})
     c.ema_decay = 0.0
+    # True: a step whose loss or gradient is non-finite leaves the state unchanged (the
+    # metrics count it); False: the run stops with NonFiniteLossError at such a step.
+    c.skip_nonfinite_updates = False
     c.log_every_steps = 50
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
@@ -90,11 +120,19 @@ def student_family(name: str) -> str:
     return models.model_info(name).family
 
 
+def vit_augmentations(config: ml_collections.ConfigDict) -> None:
+    """The ViT/MLP-student augmentations of the official configs (cifar|imagenet/vit_mlp.yaml):
+    RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 with soft
+    labels smoothed by 0.1. (Their colour jitter 0.4 is inactive in timm next to RandAugment.)"""
+    config.augment.update(randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.25,
+                          mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+
+
 def cifar_recipe(config: ml_collections.ConfigDict, student: str) -> None:
     """OFA-KD's CIFAR-100 recipe (REFERENCE.md section 3): 300 epochs at 224 px, 8 x 128.
 
-    SGD for CNN students; AdamW for ViT/MLP students (their RandAugment, mixup/cutmix and
-    random-erasing augmentations are added with the method zoo).
+    SGD for CNN students; AdamW for ViT/MLP students, with their augmentations
+    (`vit_augmentations`).
     """
     config.dataset.name = "cifar100"
     config.dataset.image_size = 224
@@ -107,6 +145,105 @@ def cifar_recipe(config: ml_collections.ConfigDict, student: str) -> None:
     else:
         config.optimizer.update(name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine",
                                 end_lr=1e-5, warmup_epochs=20, clip_norm=5.0)
+        vit_augmentations(config)
     config.log_every_steps = 100
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
+
+
+def imagenet_recipe(config: ml_collections.ConfigDict, student: str) -> None:
+    """OFA-KD's ImageNet recipe (REFERENCE.md section 3, the official configs/imagenet/*.yaml).
+
+    CNN students: 100 epochs, 8 x 64, SGD lr 0.1 decayed x0.1 at epochs 30/60/90 after 3
+    warmup epochs, wd 1e-4. ViT/MLP students: 300 epochs, 8 x 128, AdamW lr 5e-4, cosine to
+    1e-6 after 20 warmup epochs, wd 0.05, clip 5, EMA 0.99996 and `vit_augmentations`.
+    Label smoothing 0.1 for both.
+    """
+    config.dataset.name = "imagenet2012"
+    config.dataset.image_size = 224
+    config.label_smoothing = 0.1
+    if student_family(student) == "cnn":
+        config.batch_size = 512
+        config.num_epochs = 100
+        config.optimizer.update(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                schedule="step", decay_epochs=(30, 60, 90), decay_factor=0.1,
+                                warmup_epochs=3)
+    else:
+        config.batch_size = 1024
+        config.num_epochs = 300
+        config.optimizer.update(name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine",
+                                end_lr=1e-6, warmup_epochs=20, clip_norm=5.0)
+        config.ema_decay = 0.99996
+        vit_augmentations(config)
+    config.log_every_steps = 100
+    config.eval_every_steps = 5000
+    config.checkpoint_every_steps = 5000
+
+
+# setting -> (its teacher,student pairs, its recipe)
+SETTINGS = {"cifar": (CIFAR_PAIRS, cifar_recipe), "imagenet": (IMAGENET_PAIRS, imagenet_recipe)}
+
+
+def _setting(name: str):
+    if name not in SETTINGS:
+        raise ConfigError(f"unknown setting {name!r}; use one of {sorted(SETTINGS)}")
+    return SETTINGS[name]
+
+
+def distillation_config(setting: str, arg: str, method: str, **method_fields
+                        ) -> ml_collections.ConfigDict:
+    """The config of `method` (with `method_fields`) for the 'teacher,student' pair `arg` of
+    `setting` ('cifar' or 'imagenet'), with that setting's recipe for the student."""
+    pairs, recipe = _setting(setting)
+    teacher, student = parse_pair(arg, pairs)
+    config = base_config()
+    recipe(config, student)
+    config.student.name = student
+    config.teacher.name = teacher
+    config.method = distill.method_config(method, **method_fields)
+    return config
+
+
+def coss_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
+    """CoSS (unsupervised) for any 'teacher,student' of the zoo on `dataset`: nearest-neighbour
+    batches of 16 anchors x 16 images per device on 8 devices, SGD lr 0.03, momentum 0.9,
+    wd 1e-4, cosine, 25 epochs (REFERENCE.md section 1)."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"config argument {arg!r} is not 'teacher,student'")
+    config = base_config()
+    config.dataset.update(name=dataset, image_size=224, sampler="neighbours", num_neighbours=15,
+                          neighbour_pool=31, index_size=384)
+    config.teacher.name, config.student.name = (resolve_model(p) for p in parts)
+    config.method = distill.method_config("coss", lambda_ss=1.0)
+    config.supervised = False
+    config.batch_size = 8 * 16 * 16
+    config.num_epochs = 25
+    config.optimizer.update(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4,
+                            schedule="cosine")
+    config.log_every_steps = 50
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    return config
+
+
+def parse_student(arg: str, pairs) -> str:
+    """A student alias of `pairs`, alone or as the student of one of the pairs (the teacher
+    is then ignored) -> its timm name."""
+    if "," in (arg or ""):
+        return parse_pair(arg, pairs)[1]
+    students = sorted({s for _, s in pairs})
+    if arg not in students:
+        raise ConfigError(f"config argument {arg!r} is not a student of this setting; choose "
+                          f"one of: {' '.join(students)} (or a teacher,student pair)")
+    return resolve_model(arg)
+
+
+def scratch_config(setting: str, arg: str) -> ml_collections.ConfigDict:
+    """Cross-entropy training of the student of `arg` (see parse_student) without a teacher."""
+    pairs, recipe = _setting(setting)
+    student = parse_student(arg, pairs)
+    config = base_config()
+    recipe(config, student)
+    config.student.name = student
+    return config

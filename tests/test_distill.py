@@ -18,7 +18,7 @@ def _spec(name, dim, family="cnn"):
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match="unknown method 'rds'.*ce, kd, rsd"):
+    with pytest.raises(ConfigError, match="unknown method 'rds'.*ce, .*kd, .*rsd"):
         distill.method_config("rds")
 
 

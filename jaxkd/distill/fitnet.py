@@ -54,7 +54,7 @@ class GridAdapter(nn.Module):
     @nn.compact
     def __call__(self, x):
         student_grid = x.shape[1]
-        conv = dict(use_bias=False, padding="VALID", kernel_init=_kaiming_fan_out)
+        conv = {"use_bias": False, "padding": "VALID", "kernel_init": _kaiming_fan_out}
         if student_grid >= self.teacher_grid:
             ratio = student_grid // self.teacher_grid
             return nn.Conv(self.teacher_channels, (ratio, ratio), strides=ratio, name="proj",

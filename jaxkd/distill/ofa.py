@@ -72,7 +72,7 @@ class SepConv(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         channels = x.shape[-1]
-        conv = dict(kernel_init=_kaiming_fan_out)
+        conv = {"kernel_init": _kaiming_fan_out}
         x = conv2d(channels, 3, 2, groups=channels, name="dw1", **conv)(x)
         x = conv2d(channels, 1, name="pw1", **conv)(x)
         x = nn.relu(batch_norm(train, name="bn1")(x))
@@ -189,10 +189,11 @@ class OFABranches(nn.Module):
         return logits
 
 
-def branch_losses(branch_logits, teacher_logits, labels, eps, temperature):
-    """(sum of the branches' OFA losses, {'ofa_stage<k>': loss}) for stages with gammas `eps`."""
+def branch_losses(branch_logits, teacher_logits, labels, gammas, temperature):
+    """(sum of the branches' OFA losses, {'ofa_stage<k>': loss}); `gammas` pairs each branch's
+    stage with its exponent, as check_branch_config returns them."""
     parts = {}
-    for (stage, gamma), logits in zip(eps, branch_logits):
+    for (stage, gamma), logits in zip(gammas, branch_logits):
         parts[f"ofa_stage{stage}"] = losses.ofa_loss(logits, teacher_logits, labels, eps=gamma,
                                                      temperature=temperature)
     return sum(parts.values()), parts
@@ -223,9 +224,11 @@ def check_branch_config(student: ModelSpec, stages, eps: float, branch_eps
 
 
 class OFA(nn.Module):
+    """CE + kd_weight * OFA(final logits, eps) + ofa_weight * sum_k OFA(branch_k, gamma_k)."""
+
     branches: OFABranches
     eps: float = 1.0
-    branch_eps: tuple[tuple[int, float], ...] = ()
+    branch_gammas: tuple[tuple[int, float], ...] = ()  # ((stage, gamma), ...)
     kd_weight: float = 1.0
     ofa_weight: float = 1.0
     temperature: float = 1.0
@@ -238,7 +241,7 @@ class OFA(nn.Module):
         kd = losses.ofa_loss(logits, teacher_logits, labels, eps=self.eps,
                              temperature=self.temperature)
         branch_logits = self.branches(features["stages"], train=train)
-        ofa, parts = branch_losses(branch_logits, teacher_logits, labels, self.branch_eps,
+        ofa, parts = branch_losses(branch_logits, teacher_logits, labels, self.branch_gammas,
                                    self.temperature)
         loss = ce + self.kd_weight * kd + self.ofa_weight * ofa
         return loss, {"ce": ce, "kd": kd, "ofa": ofa, **parts}
@@ -247,8 +250,8 @@ class OFA(nn.Module):
 @register_method("ofa", defaults={"stages": (1, 2, 3, 4), "eps": 1.0, "branch_eps": (),
                                   "kd_weight": 1.0, "ofa_weight": 1.0, "temperature": 1.0})
 def build(config, student, teacher, ctx):
-    branch_eps = check_branch_config(student, config.stages, config.eps, config.branch_eps)
-    branches = OFABranches(student, teacher.embed_dim, tuple(s for s, _ in branch_eps))
-    return OFA(branches, eps=config.eps, branch_eps=branch_eps, kd_weight=config.kd_weight,
+    gammas = check_branch_config(student, config.stages, config.eps, config.branch_eps)
+    branches = OFABranches(student, teacher.embed_dim, tuple(s for s, _ in gammas))
+    return OFA(branches, eps=config.eps, branch_gammas=gammas, kd_weight=config.kd_weight,
                ofa_weight=config.ofa_weight, temperature=config.temperature,
                label_smoothing=ctx.label_smoothing)

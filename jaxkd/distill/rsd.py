@@ -89,7 +89,7 @@ class RSDWithOFABranches(nn.Module):
 
     rsd: RSD
     branches: ofa.OFABranches
-    branch_eps: tuple[tuple[int, float], ...]
+    branch_gammas: tuple[tuple[int, float], ...]  # ((stage, gamma), ...)
     ofa_weight: float = 1.0
     temperature: float = 1.0
 
@@ -97,7 +97,7 @@ class RSDWithOFABranches(nn.Module):
         loss, metrics = self.rsd(student_out, teacher_out, batch, train=train)
         branch_logits = self.branches(student_out[1]["stages"], train=train)
         branches, parts = ofa.branch_losses(branch_logits, teacher_out[0], batch["label"],
-                                            self.branch_eps, self.temperature)
+                                            self.branch_gammas, self.temperature)
         return loss + self.ofa_weight * branches, {**metrics, "ofa": branches, **parts}
 
 
@@ -105,8 +105,8 @@ class RSDWithOFABranches(nn.Module):
                                       "branch_eps": (), "ofa_weight": 1.0, "temperature": 1.0})
 def build_rsd_ofa(config, student, teacher, ctx):
     """`eps` is the branches' gamma (per stage with `branch_eps`); no final-logit OFA term."""
-    branch_eps = ofa.check_branch_config(student, config.stages, config.eps, config.branch_eps)
-    branches = ofa.OFABranches(student, teacher.embed_dim, tuple(s for s, _ in branch_eps))
+    gammas = ofa.check_branch_config(student, config.stages, config.eps, config.branch_eps)
+    branches = ofa.OFABranches(student, teacher.embed_dim, tuple(s for s, _ in gammas))
     return RSDWithOFABranches(_rsd(config, student, teacher, ctx, "embedding"), branches,
-                              branch_eps, ofa_weight=config.ofa_weight,
+                              gammas, ofa_weight=config.ofa_weight,
                               temperature=config.temperature)
