@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -18,8 +19,12 @@ import numpy as np
 
 from jaxkd.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 _WEIGHTS = "variables.safetensors"
 _META = "model.json"
+# In each train checkpoint's step directory: size and sha256 of every file Orbax wrote there.
+_CHECKSUMS = "jaxkd_checksums.json"
 
 
 def _sha256(path: str) -> str:
@@ -99,8 +104,10 @@ def load_model(path: str) -> tuple[dict, dict]:
 class TrainCheckpointer:
     """Orbax manager for train states in `<workdir>/checkpoints`, with run metadata as JSON.
 
-    The metadata records what the state belongs to (student, method, teacher); resuming a
-    workdir written by another configuration is refused instead of restoring mismatched arrays.
+    The metadata records what the state belongs to (student, method, teacher, dataset);
+    resuming a workdir written by another configuration is refused instead of restoring
+    mismatched arrays. Each checkpoint also gets the sha256 of its files, verified before a
+    restore: Orbax reads flipped bytes back as wrong values without noticing.
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 2):
@@ -117,14 +124,81 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        import jax
+
         ocp = self._ocp
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_host_copies(state)), meta=ocp.args.JsonSave(meta)),
             force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_checksums(self._step_dir(step))
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _corrupt_message(self, step: int, problems: list[str]) -> str:
+        return f"checkpoint step {step} in {self.directory} is corrupt: " + "; ".join(problems)
 
     def restore(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
-        """Restores onto the shardings in `abstract_state` after checking the run metadata."""
+        """Restores onto the shardings in `abstract_state` after checking the files' checksums
+        and the run metadata."""
+        problems = checksum_problems(self._step_dir(step))
+        if problems:
+            raise CheckpointError(self._corrupt_message(step, problems))
+        return self._restore_verified(step, abstract_state, expected_meta)
+
+    def restore_latest(self, abstract_state: Any, expected_meta: dict) -> tuple[int, Any] | None:
+        """(step, state) of the newest intact checkpoint; None when there is no checkpoint.
+
+        Newer checkpoints that fail their checksums are reported and skipped; once an older one
+        restores they are moved to <workdir>/corrupt_checkpoints (so their steps can be saved
+        again). When none is intact nothing is moved and CheckpointError says why.
+        """
+        corrupt = {}
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            problems = checksum_problems(self._step_dir(step))
+            if problems:
+                corrupt[step] = problems
+                log.error("%s", self._corrupt_message(step, problems))
+                continue
+            state = self._restore_verified(step, abstract_state, expected_meta)
+            if corrupt:
+                log.warning("falling back to the previous good checkpoint, step %d in %s "
+                            "(skipped corrupt step(s) %s)", step, self.directory,
+                            ", ".join(map(str, corrupt)))
+            self._set_aside(list(corrupt))
+            return step, state
+        if corrupt:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}, so the run cannot continue:\n  " +
+                "\n  ".join(self._corrupt_message(s, p) for s, p in corrupt.items()) +
+                "\nmove the workdir (or its checkpoints/) away to start the run over")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Called by every process: none moves a checkpoint another one may still be reading."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxkd: checkpoints verified and restored")
+        if not steps:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target, n = os.path.join(aside, str(step)), 1
+                while os.path.exists(target):
+                    target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+                os.rename(self._step_dir(step), target)
+                log.warning("moved corrupt checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxkd: corrupt checkpoints set aside")
+        self._manager.reload()
+
+    def _restore_verified(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
         ocp = self._ocp
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
@@ -139,12 +213,54 @@ class TrainCheckpointer:
                 f"the checkpoint in {self.directory} (step {step}) was written by another "
                 "configuration; use a new workdir or the matching config:\n  " + "\n  ".join(diffs)
             )
-        return self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )["state"]
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )["state"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not fit this config's train "
+                f"state (a changed method or model setting?): {e}") from None
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _write_checksums(step_dir: str) -> None:
+    sums = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            sums[os.path.relpath(path, step_dir)] = {"bytes": os.path.getsize(path),
+                                                     "sha256": _sha256(path)}
+    tmp = os.path.join(step_dir, _CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, _CHECKSUMS))
+
+
+def checksum_problems(step_dir: str) -> list[str]:
+    """What is wrong with a train checkpoint's files; [] when each matches its size and sha256."""
+    try:
+        with open(os.path.join(step_dir, _CHECKSUMS)) as f:
+            sums = json.load(f)
+    except FileNotFoundError:
+        return [f"it has no {_CHECKSUMS} (the run stopped while saving it)"]
+    except (OSError, ValueError) as e:
+        return [f"its {_CHECKSUMS} is unreadable ({e})"]
+    problems = []
+    for name, expected in sorted(sums.items()):
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(path) != expected["bytes"]:
+            problems.append(f"{name} has {os.path.getsize(path)} bytes, "
+                            f"{expected['bytes']} were written (truncated?)")
+        elif _sha256(path) != expected["sha256"]:
+            problems.append(f"{name} does not match its sha256 (bytes changed on disk)")
+    return problems
 
 
 def _host_copies(tree):

@@ -1,8 +1,11 @@
-"""Errors that mean "the user asked for something wrong": main prints them without a traceback."""
+"""Errors main prints without a traceback, each with its own exit code: mostly "the user asked
+for something wrong", also a diverged or a preempted run."""
 
 
 class JaxkdError(Exception):
-    """Base of every user-facing error; `main` turns it into a message and exit code 2."""
+    """Base of every user-facing error; `main` prints it and exits with `exit_code`."""
+
+    exit_code = 2
 
 
 class ConfigError(JaxkdError, ValueError):
@@ -14,4 +17,13 @@ class CheckpointError(JaxkdError, ValueError):
 
 
 class NonFiniteLossError(JaxkdError, RuntimeError):
-    pass
+    """Training diverged: retrying the same command would diverge again."""
+
+    exit_code = 3
+
+
+class Preempted(JaxkdError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint: rerunning the command continues it
+    (75 is EX_TEMPFAIL, which schedulers read as "try again")."""
+
+    exit_code = 75

@@ -89,8 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1, "auto_detect": False})
     c.ema_decay = 0.0
-    # True: a step whose loss or gradient is non-finite leaves the state unchanged (the
-    # metrics count it); False: the run stops with NonFiniteLossError at such a step.
+    # A step whose loss or gradient is non-finite leaves the state unchanged. True: training
+    # goes on (train/nonfinite counts such steps); False: the run stops with NonFiniteLossError.
     c.skip_nonfinite_updates = False
     c.log_every_steps = 50
     c.eval_every_steps = 1000

@@ -12,14 +12,20 @@ import json
 import logging
 import os
 
-from jaxkd import train
+import jax
+
+from jaxkd import sharding, train
 from jaxkd.errors import ConfigError
 from jaxkd.metric_writer import read_metrics
+
+log = logging.getLogger(__name__)
 
 _RUN_PREFIX = "run:"
 
 
 def run(config, workdir: str) -> dict:
+    # Before any device is touched: a multi-process run must see every process's devices.
+    sharding.initialize_distributed(config)
     if "runs" in config:
         return run_suite(config, workdir)
     return train.train_and_evaluate(config, workdir)
@@ -41,9 +47,10 @@ def run_suite(config, workdir: str) -> dict:
                                   "must come earlier in run_order")
             with run_config.unlocked():
                 run_config.teacher.checkpoint = os.path.join(workdir, source, "export")
-        logging.info("suite %s: run %r", workdir, name)
+        log.info("suite %s: run %r", workdir, name)
         results[name] = train.train_and_evaluate(run_config, os.path.join(workdir, name))
-    write_summary(config, workdir, results)
+    if jax.process_index() == 0:  # one writer in a multi-process run
+        write_summary(config, workdir, results)
     return results
 
 

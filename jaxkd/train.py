@@ -1,16 +1,21 @@
 """The training loop: supervised training of one model, or distillation from a frozen teacher.
 
 One jitted step runs the teacher's forward, the student's forward/backward and the method's
-loss, with the batch sharded over a 1-D data mesh and the state replicated. Which method is
-used is data (`config.method.name`): this module names none.
+loss, with the batch sharded over a 1-D data mesh and the state replicated or sharded
+(`config.sharding`, see jaxkd.sharding). Which method is used is data (`config.method.name`):
+this module names none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -18,13 +23,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import struct
 
-from jaxkd import checkpoint, data, distill, models, optim, sharding
-from jaxkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jaxkd import checkpoint, data, distill, models, optim, recipes, sharding
+from jaxkd.errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
 from jaxkd.metric_writer import MetricWriter
+
+log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -61,9 +69,14 @@ def _compute_dtype(config):
     return names[config.compute_dtype]
 
 
+def _overrides(model_config) -> dict:
+    """Model overrides in their JSON form (tuples as lists), as checkpoints record them."""
+    return json.loads(json.dumps(dict(model_config.get("overrides", {}) or {})))
+
+
 def build_model(model_config, num_classes: int, dtype) -> ModelHandle:
     info = models.model_info(model_config.name)
-    overrides = dict(model_config.get("overrides", {}) or {})
+    overrides = _overrides(model_config)
     module = models.create_model(model_config.name, num_classes=num_classes, dtype=dtype,
                                  **overrides)
     return ModelHandle(model_config.name, module, np.asarray(info.mean, np.float32),
@@ -113,7 +126,7 @@ def load_teacher(config, num_classes: int, image_size: int, dtype):
                           "export (a supervised run's <workdir>/export or the output of "
                           "scripts/convert_timm.py)")
     variables, meta = checkpoint.load_model(tcfg.checkpoint)
-    overrides = dict(tcfg.get("overrides", {}) or {})
+    overrides = _overrides(tcfg)
     if meta.get("model_name") != tcfg.name or meta.get("num_classes") != num_classes or \
             meta.get("overrides", {}) != overrides:
         raise CheckpointError(
@@ -122,7 +135,11 @@ def load_teacher(config, num_classes: int, image_size: int, dtype):
             f"config asks for {tcfg.name!r} with {num_classes} classes and overrides {overrides}")
     handle = build_model(tcfg, num_classes, dtype)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    expected = jax.eval_shape(lambda x: handle.module.init(jax.random.PRNGKey(0), x), x)
+    try:
+        expected = jax.eval_shape(lambda x: handle.module.init(jax.random.PRNGKey(0), x), x)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"teacher {tcfg.name!r} cannot take {image_size}px images: {e}"
+                          ) from None
     check_variables(expected, variables, f"teacher checkpoint {tcfg.checkpoint!r}")
     return handle, variables
 
@@ -142,37 +159,45 @@ class Trainer:
     """Builds the models, the method, the optimiser and the jitted steps for one config."""
 
     def __init__(self, config, num_classes: int, steps_per_epoch: int, total_steps: int,
-                 mesh):
+                 mesh, num_train_examples: int = 0):
         self.config = config
         self.mesh = mesh
         dtype = _compute_dtype(config)
         image_size = config.dataset.image_size
         self.student = build_model(config.student, num_classes, dtype)
         entry = distill.method_entry(config.method.name)
-        self.teacher, self.teacher_variables = None, None
+        self.teacher, self.teacher_variables, self.teacher_shardings = None, None, None
         if entry.uses_teacher:
             if not config.teacher.get("name"):
                 raise ConfigError(f"method {config.method.name!r} needs config.teacher.name")
             self.teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype)
-            self.teacher_variables = jax.device_put(teacher_vars, sharding.replicated(mesh))
+            self.teacher_shardings = sharding.tree_shardings(
+                teacher_vars, mesh, sharding.check_strategy(
+                    config.get("teacher_sharding", "data"), "teacher_sharding"))
+            self.teacher_variables = sharding.put(teacher_vars, self.teacher_shardings)
         student_spec = model_spec(self.student, image_size)
         teacher_spec = model_spec(self.teacher, image_size) if self.teacher else None
         ctx = distill.MethodContext(num_devices=mesh.size,
-                                    label_smoothing=config.get("label_smoothing", 0.0))
+                                    label_smoothing=config.get("label_smoothing", 0.0),
+                                    num_train_examples=num_train_examples)
         self.method = distill.create_method(config.method, student_spec, teacher_spec, ctx)
         self.teacher_spec = teacher_spec
         self.tx, self.schedule = optim.build_optimizer(config.optimizer, total_steps,
                                                        steps_per_epoch)
         self.ema_decay = config.get("ema_decay", 0.0)
+        self.skip_nonfinite_updates = config.get("skip_nonfinite_updates", False)
         self._image_shape = (image_size, image_size, 3)
         self._num_classes = num_classes
         repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self.train_step = jax.jit(self._train_step, in_shardings=(repl, repl, batch),
-                                  out_shardings=(repl, repl), donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, repl, batch),
+        self.state_shardings = self._state_shardings(config.get("sharding", "data"))
+        state_sh, teacher_sh = self.state_shardings, self.teacher_shardings or repl
+        self.train_step = jax.jit(self._train_step, in_shardings=(state_sh, teacher_sh, batch),
+                                  out_shardings=(state_sh, repl), donate_argnums=(0,))
+        student_sh = (state_sh.params["student"], state_sh.model_state["student"])
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(*student_sh, batch),
                                  out_shardings=repl)
-        self.teacher_eval_step = jax.jit(self._teacher_eval_step, in_shardings=(repl, batch),
-                                         out_shardings=repl)
+        self.teacher_eval_step = jax.jit(self._teacher_eval_step,
+                                         in_shardings=(teacher_sh, batch), out_shardings=repl)
 
     # --- state -----------------------------------------------------------------------------
     def _init(self, rng, images):
@@ -204,18 +229,25 @@ class Trainer:
         return jax.ShapeDtypeStruct((self.config.batch_size, *self._image_shape), jnp.float32,
                                     sharding=sharding.batch_sharding(self.mesh))
 
-    def abstract_state(self):
-        shapes = jax.eval_shape(self._init, jax.random.PRNGKey(0), self._init_images())
+    def _state_shapes(self):
+        return jax.eval_shape(self._init, jax.random.PRNGKey(0), self._init_images())
+
+    def _state_shardings(self, strategy: str):
+        """The state's shardings under `strategy` (jaxkd.sharding); the step counter and the
+        rng key stay replicated."""
         repl = sharding.replicated(self.mesh)
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                            shapes)
+        shardings = sharding.tree_shardings(self._state_shapes(), self.mesh, strategy)
+        return shardings.replace(step=repl, rng=repl)
+
+    def abstract_state(self):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self._state_shapes(), self.state_shardings)
 
     def init_state(self, seed: int) -> TrainState:
         spec = self._init_images()
         images = lambda: jax.lax.with_sharding_constraint(jnp.zeros(spec.shape, spec.dtype),
                                                           spec.sharding)
-        init = jax.jit(lambda rng: self._init(rng, images()),
-                       out_shardings=sharding.replicated(self.mesh))
+        init = jax.jit(lambda rng: self._init(rng, images()), out_shardings=self.state_shardings)
         return init(jax.random.PRNGKey(seed))
 
     def count_params(self, state) -> dict:
@@ -227,8 +259,8 @@ class Trainer:
     def _teacher_forward(self, teacher_variables, images):
         if self.teacher is None:
             return None
-        out = self.teacher.module.apply(teacher_variables, self.teacher.normalize(images),
-                                        train=False)
+        out = self.teacher.module.apply(sharding.gathered(teacher_variables, self.mesh),
+                                        self.teacher.normalize(images), train=False)
         return jax.lax.stop_gradient(out)
 
     def _train_step(self, state: TrainState, teacher_variables, batch):
@@ -236,9 +268,11 @@ class Trainer:
         rng_student, rng_method = jax.random.split(rng)
         images, labels = batch["image"], batch["label"]
         teacher_out = self._teacher_forward(teacher_variables, images)
-        student_state, method_state = state.model_state["student"], state.model_state["method"]
+        student_state, method_state = sharding.gathered(
+            (state.model_state["student"], state.model_state["method"]), self.mesh)
 
         def loss_fn(params):
+            params = sharding.gathered(params, self.mesh)
             student_out, student_state_new = self.student.module.apply(
                 {"params": params["student"], **student_state}, self.student.normalize(images),
                 train=True, mutable=list(student_state), rngs={"dropout": rng_student})
@@ -250,20 +284,30 @@ class Trainer:
 
         (loss, (metrics, model_state, logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
+        # Sharded like the parameters (a reduce-scatter under FSDP): the update is then local.
+        grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
             ema = optax.incremental_update(params["student"], ema, 1.0 - self.ema_decay)
-        hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
         metrics = {**{f"train/{k}": v for k, v in metrics.items()},
                    "train/loss": loss,
-                   "train/top1": jnp.mean(_top_k_correct(logits.astype(jnp.float32),
-                                                         hard_labels, 1)),
                    "train/grad_norm": optax.tree.norm(grads),
                    "train/lr": self.schedule(state.step)}
+        if self.config.get("supervised", True):  # unsupervised runs read no labels
+            hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
+            metrics["train/top1"] = jnp.mean(_top_k_correct(logits.astype(jnp.float32),
+                                                            hard_labels, 1))
+        # A non-finite loss or gradient never reaches the state: the step leaves it as it was
+        # (but for the step) and is flagged for the host, which at its next sync stops the run
+        # or, with skip_nonfinite_updates, only counts it. One program for both settings.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["train/grad_norm"])
+        metrics["train/nonfinite"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                                   opt_state=opt_state, ema_params=ema)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 state.replace(step=state.step + 1))
         return new_state, metrics
 
     def _eval_counts(self, logits, batch):
@@ -275,6 +319,7 @@ class Trainer:
                 "count": jnp.sum(mask)}
 
     def _eval_step(self, params, student_state, batch):
+        params, student_state = sharding.gathered((params, student_state), self.mesh)
         logits, _ = self.student.module.apply({"params": params, **student_state},
                                               self.student.normalize(batch["image"]),
                                               train=False)
@@ -303,6 +348,32 @@ def resolve_durations(config, num_train_examples: int) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
+# Sections that check their own fields (a method's, the augmentations) or hold a model's
+# keyword arguments.
+_SELF_CHECKED_FIELDS = ("method", "augment", "student.overrides", "teacher.overrides")
+
+
+def check_config_fields(config) -> None:
+    """Refuses fields that base_config lacks: a typo in a config file (`c.lable_smoothing = 0.1`)
+    adds a field that nothing reads."""
+    unknown = []
+
+    def walk(section, reference, prefix):
+        for key, value in section.items():
+            path = prefix + key
+            if key not in reference:
+                close = difflib.get_close_matches(key, list(reference), n=1)
+                unknown.append(path + (f" (did you mean {prefix + close[0]}?)" if close else ""))
+            elif (path not in _SELF_CHECKED_FIELDS and hasattr(value, "items") and
+                  isinstance(reference[key], ml_collections.ConfigDict)):
+                walk(value, reference[key], path + ".")
+
+    walk(config, recipes.base_config(), "")
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; "
+                          "jaxkd.recipes.base_config lists the fields the trainer reads")
+
+
 def _check_batch_size(config, mesh):
     if config.batch_size % mesh.size:
         raise ConfigError(f"global batch size {config.batch_size} is not divisible by the "
@@ -312,19 +383,30 @@ def _check_batch_size(config, mesh):
                           f"{jax.process_count()} processes")
 
 
-def run_metadata(config) -> dict:
-    """What a train checkpoint belongs to; a resume with different values is refused."""
-    return {"student": config.student.name,
-            "student_overrides": dict(config.student.get("overrides", {}) or {}),
+def run_metadata(config, num_classes: int | None = None) -> dict:
+    """What a train checkpoint belongs to; a resume with different values is refused.
+    `num_classes` (the dataset's) is recorded when given."""
+    uses_teacher = distill.method_entry(config.method.name).uses_teacher
+    meta = {"student": config.student.name,
+            "student_overrides": _overrides(config.student),
             "method": config.method.name,
-            "teacher": config.teacher.get("name", "") if distill.method_entry(
-                config.method.name).uses_teacher else "",
+            "teacher": config.teacher.get("name", "") if uses_teacher else "",
+            "teacher_overrides": _overrides(config.teacher) if uses_teacher else {},
             "dataset": config.dataset.name}
+    if num_classes is not None:
+        meta["num_classes"] = num_classes
+    return meta
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) one training run in `workdir`; returns the final eval metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    check_config_fields(config)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
     if not os.access(workdir, os.W_OK):
         raise ConfigError(f"workdir {workdir!r} is not writable")
     mesh = sharding.data_mesh()
@@ -333,21 +415,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data_dir = ds.data_dir or None
     info = data.dataset_info(ds.name, data_dir=data_dir, train_fraction=ds.train_fraction)
     steps_per_epoch, total_steps = resolve_durations(config, info.num_train_examples)
-    trainer = Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh)
+    trainer = Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh,
+                      num_train_examples=info.num_train_examples)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)
     ckpt = checkpoint.TrainCheckpointer(workdir)
-    meta = run_metadata(config)
+    meta = run_metadata(config, info.num_classes)
 
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, trainer.abstract_state(), meta)
-        logging.info("resumed from %s at step %d", ckpt.directory, latest)
-    else:
+    if ckpt.latest_step() is None:
         state = trainer.init_state(config.seed)
+    else:  # the newest checkpoint that passes its checksums
+        latest, state = ckpt.restore_latest(trainer.abstract_state(), meta)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
     step = int(jax.device_get(state.step))
     counts = trainer.count_params(state)
-    logging.info("student %s: %.3fM parameters; method %s: %.3fM extra trainable parameters",
+    log.info("student %s: %.3fM parameters; method %s: %.3fM extra trainable parameters",
                  config.student.name, counts["student"] / 1e6, config.method.name,
                  counts["method"] / 1e6)
 
@@ -374,44 +456,77 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.write(0, {"eval/teacher_top1": teacher["top1"],
                          "eval/teacher_top5": teacher["top5"]})
 
-    batches = data.train_batches(
-        ds.name, data_dir=data_dir, global_batch_size=config.batch_size,
-        image_size=ds.image_size, seed=config.seed, augment=config.augment,
-        train_fraction=ds.train_fraction, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=step)
+    if ds.get("sampler", "random") == "neighbours":  # CoSS's nearest-neighbour batches
+        from jaxkd.data import neighbours
+
+        if trainer.teacher is None:
+            raise ConfigError("dataset.sampler 'neighbours' needs a teacher to index the data")
+        teacher_embedding = jax.jit(lambda v, x: trainer._teacher_forward(v, x)[1]["embedding"])
+        batches = neighbours.run_batches(
+            config, workdir, lambda x: teacher_embedding(trainer.teacher_variables,
+                                                         sharding.global_batch(x, mesh)),
+            start_step=step, process_index=jax.process_index(),
+            process_count=jax.process_count())
+    elif ds.get("sampler", "random") == "random":
+        batches = data.train_batches(
+            ds.name, data_dir=data_dir, global_batch_size=config.batch_size,
+            image_size=ds.image_size, seed=config.seed, augment=config.augment,
+            train_fraction=ds.train_fraction, process_index=jax.process_index(),
+            process_count=jax.process_count(), start_step=step)
+    else:
+        raise ConfigError(f"dataset.sampler must be 'random' or 'neighbours', got {ds.sampler!r}")
     progress = _Progress(total_steps, step, config.batch_size,
                          enabled=is_main and config.get("progress_bar", True))
     last_eval: dict = {}
-    pending = []
+    pending = []  # each step's metrics, left on the devices until the next sync
     try:
-        while step < total_steps:
-            batch = sharding.global_batch(next(batches), mesh)
-            state, metrics = trainer.train_step(state, trainer.teacher_variables, batch)
-            step += 1
-            pending.append(metrics)
-            progress.update()
-            if step % config.log_every_steps == 0 or step == total_steps:
-                summary = _mean_metrics(jax.device_get(pending))
-                pending = []
-                if not math.isfinite(summary["train/loss"]):
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({summary['train/loss']}) by step {step}; "
-                        f"last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
-                writer.write(step, summary)
-                progress.loss = summary["train/loss"]
-            if step % config.eval_every_steps == 0 or step == total_steps:
-                last_eval = evaluate()
-                writer.write(step, last_eval)
-            if step % config.checkpoint_every_steps == 0 or step == total_steps:
-                ckpt.save(step, state, meta)
+        with _StopRequests() as stop_requests:
+            while step < total_steps:
+                batch = sharding.global_batch(next(batches), mesh)
+                state, metrics = trainer.train_step(state, trainer.teacher_variables, batch)
+                step += 1
+                pending.append(metrics)
+                progress.update()
+                stop = stop_requests.reached(step)
+                last = step == total_steps
+                log_now = step % config.log_every_steps == 0 or last or stop
+                eval_now = (step % config.eval_every_steps == 0 or last) and not stop
+                save_now = step % config.checkpoint_every_steps == 0 or last or stop
+                if log_now or eval_now or save_now:
+                    # The host's only syncs: a state after a non-finite step is never
+                    # evaluated or saved.
+                    fetched = jax.device_get(pending)
+                    if not trainer.skip_nonfinite_updates:
+                        _raise_if_nonfinite(fetched, step, ckpt)
+                if log_now:
+                    summary = _mean_metrics(fetched)
+                    pending = []
+                    if summary["train/nonfinite"]:
+                        log.warning("skipped %d update(s) with a non-finite loss or gradient "
+                                    "in the %d steps up to step %d",
+                                    round(summary["train/nonfinite"] * len(fetched)),
+                                    len(fetched), step)
+                    writer.write(step, summary)
+                    progress.loss = summary["train/loss"]
+                if eval_now:
+                    last_eval = evaluate()
+                    writer.write(step, last_eval)
+                if save_now and ckpt.latest_step() != step:
+                    ckpt.save(step, state, meta)
+                if stop:
+                    writer.close()
+                    ckpt.close()
+                    raise Preempted(f"{stop_requests.reason} after step {step}, saved in "
+                                    f"{ckpt.directory}; rerun the same command to continue")
     finally:
         progress.close()
     if not last_eval:  # resumed at the end: report the final evaluation again
         last_eval = evaluate()
+    params = state.ema_params if state.ema_params is not None else state.params["student"]
+    # Gathered on every process (a collective when the state is sharded), written by one.
+    variables = sharding.to_host({"params": params, **state.model_state["student"]}, mesh)
     if is_main:
-        params = state.ema_params if state.ema_params is not None else state.params["student"]
-        variables = {"params": params, **state.model_state["student"]}
-        checkpoint.save_model(os.path.join(workdir, "export"), jax.device_get(variables),
+        checkpoint.save_model(os.path.join(workdir, "export"), variables,
                               model_name=config.student.name, num_classes=info.num_classes,
                               overrides=trainer.student.overrides,
                               extra={k: v for k, v in last_eval.items()})
@@ -420,8 +535,69 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last_eval
 
 
+def _raise_if_nonfinite(fetched_metrics: list, step: int, ckpt) -> None:
+    """`fetched_metrics` are those of the steps up to `step`."""
+    first = step - len(fetched_metrics) + 1
+    bad = [i for i, m in enumerate(fetched_metrics) if m["train/nonfinite"]]
+    if bad:
+        m = fetched_metrics[bad[0]]
+        latest = ckpt.latest_step()
+        good = "none yet" if latest is None else f"step {latest} in {ckpt.directory}"
+        raise NonFiniteLossError(
+            f"non-finite training loss or gradient at step {first + bad[0]} (loss "
+            f"{float(m['train/loss'])}, gradient norm {float(m['train/grad_norm'])}); the "
+            f"state after it was not saved. Last good checkpoint: {good}. Lower the learning "
+            "rate, or set skip_nonfinite_updates=True to skip such updates")
+
+
 def _mean_metrics(metrics_list):
-    return {k: float(np.mean([float(m[k]) for m in metrics_list])) for k in metrics_list[0]}
+    """Means over the steps; skipped non-finite steps count only in train/nonfinite (the
+    fraction of such steps), unless every step was one."""
+    finite = [m for m in metrics_list if not m["train/nonfinite"]] or metrics_list
+    means = {k: float(np.mean([float(m[k]) for m in finite])) for k in metrics_list[0]}
+    means["train/nonfinite"] = float(np.mean([float(m["train/nonfinite"])
+                                              for m in metrics_list]))
+    return means
+
+
+class _StopRequests:
+    """SIGTERM and SIGINT ask the loop to stop after the current step, which it checkpoints
+    before raising Preempted; a second signal has its usual effect at once. With several
+    processes JAX's preemption service (SIGTERM) picks the step at which all of them stop."""
+
+    def __init__(self):
+        self.reason = ""
+        self._previous = {}
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        del frame
+        name = signal.Signals(signum).name
+        self.reason = f"stopped by {name}"
+        log.warning("%s: finishing the current step, then saving a checkpoint and exiting "
+                    "(a second signal stops at once)", name)
+        self._restore_handlers()
+
+    def _restore_handlers(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.reason = "preempted (SIGTERM)"
+        return bool(self.reason)
+
+    def __exit__(self, *exc_info):
+        self._restore_handlers()
 
 
 class _Progress:

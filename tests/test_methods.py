@@ -558,9 +558,9 @@ def test_method_distills_end_to_end(tmp_path, digits_dir, teachers, method, stud
         assert [m["train/dkd_weight"] for m in steps] == [0.5, 1.0]
     if method == "crd":  # the memory banks are carried in the train state and checkpointed
         trainer = train.Trainer(config, num_classes=10, steps_per_epoch=89, total_steps=2,
-                                mesh=sharding.data_mesh())
+                                mesh=sharding.data_mesh(), num_train_examples=1437)
         ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
-        state = ckpt.restore(2, trainer.abstract_state(), train.run_metadata(config))
+        state = ckpt.restore(2, trainer.abstract_state(), train.run_metadata(config, 10))
         ckpt.close()
         memory = state.model_state["method"]["memory"]
         initial = trainer.init_state(config.seed).model_state["method"]["memory"]
