@@ -1,6 +1,6 @@
 """Distillation methods behind one interface; importing this package registers them all."""
 
-from jaxkd.distill import ce, crd, dist, dkd, fitnet, kd, ofa, rsd  # noqa: F401  (register)
+from jaxkd.distill import ce, coss, crd, dist, dkd, fitnet, kd, ofa, rsd  # noqa: F401
 from jaxkd.distill.base import (MethodContext, ModelSpec, create_method, list_methods,
                                 method_config, method_entry, register_method)
 

@@ -1,0 +1,73 @@
+"""Stage features of exported models on held-out data, and linear CKA between two models' stages.
+
+Used by scripts/cka.py to draw the teacher-vs-student CKA heatmaps of the papers' figures.
+Features are kept on the host, flattened per example: memory is num_examples x the largest
+stage's size (512 examples of a 224 px ResNet stage 1 are ~400 MB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxkd import checkpoint, data, models
+from jaxkd.analysis.cka import linear_cka
+
+LAYER_NAMES = ("stage1", "stage2", "stage3", "stage4", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    module: object
+    variables: dict
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def load_export(path: str) -> LoadedModel:
+    """A model export (jaxkd.checkpoint.save_model) with its registry normalisation."""
+    variables, meta = checkpoint.load_model(path)
+    name = meta["model_name"]
+    module = models.create_model(name, num_classes=meta["num_classes"],
+                                 **meta.get("overrides", {}))
+    info = models.model_info(name)
+    return LoadedModel(name, module, variables, np.asarray(info.mean, np.float32),
+                       np.asarray(info.std, np.float32))
+
+
+def _feature_fn(model: LoadedModel):
+    @jax.jit
+    def features(variables, images):
+        _, out = model.module.apply(variables, (images - model.mean) / model.std, train=False)
+        return [*out["stages"], out["embedding"]]
+
+    return lambda images: features(model.variables, images)
+
+
+def collect_features(loaded: list[LoadedModel], dataset: str, *, image_size: int,
+                     num_examples: int, batch_size: int = 64, data_dir: str | None = None
+                     ) -> list[list[np.ndarray]]:
+    """Per model, per layer of LAYER_NAMES: float32 [n, D] of the first n <= num_examples
+    eval-split examples (padding rows dropped), all models on the same images."""
+    forwards = [_feature_fn(m) for m in loaded]
+    chunks: list[list[list[np.ndarray]]] = [[[] for _ in LAYER_NAMES] for _ in loaded]
+    seen = 0
+    for batch in data.eval_batches(dataset, data_dir=data_dir, global_batch_size=batch_size,
+                                   image_size=image_size):
+        keep = min(int(batch["mask"].sum()), num_examples - seen)
+        if keep <= 0:
+            break
+        for forward, per_layer in zip(forwards, chunks):
+            for layer, value in zip(per_layer, forward(batch["image"])):
+                value = np.asarray(jax.device_get(value), np.float32)[:keep]
+                layer.append(value.reshape(keep, -1))
+        seen += keep
+    return [[np.concatenate(layer) for layer in per_layer] for per_layer in chunks]
+
+
+def cka_matrix(features_a: list[np.ndarray], features_b: list[np.ndarray]) -> np.ndarray:
+    """[len(a), len(b)] linear CKA between every layer of a and every layer of b."""
+    return np.array([[float(linear_cka(a, b)) for b in features_b] for a in features_a])
