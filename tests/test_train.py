@@ -203,3 +203,47 @@ def test_schedules_follow_the_recipe():
     _, schedule = optim.build_optimizer(cfg, total_steps=110, steps_per_epoch=10)
     np.testing.assert_allclose([schedule(10), schedule(60), schedule(110)],
                                [0.1, 0.001 + 0.5 * 0.099, 0.001], rtol=1e-5)
+
+
+def test_converted_timm_checkpoint_serves_as_teacher(tmp_path, digits_dir):
+    """A timm state dict file -> scripts/convert_timm.py -> config.teacher.checkpoint."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import save_file
+
+    from jaxkd.convert.timm_import import import_timm
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_timm", os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                     "convert_timm.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    torch.manual_seed(0)
+    timm_teacher = import_timm().create_model("resnet18", pretrained=False, num_classes=10)
+    save_file(dict(timm_teacher.state_dict()), str(tmp_path / "teacher.safetensors"))
+    assert convert.main(["--model", "resnet18", "--checkpoint",
+                         str(tmp_path / "teacher.safetensors"), "--out",
+                         str(tmp_path / "teacher")]) == 0
+
+    config = tiny_config("rsd", data_dir=digits_dir, teacher_checkpoint=str(tmp_path / "teacher"),
+                         steps=2)
+    config.teacher.name, config.teacher.overrides = "resnet18", {}
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 <= result["eval/top1"] <= 100.0
+    teacher_eval = [m for m in read_metrics(str(tmp_path / "run")) if "eval/teacher_top1" in m]
+    assert len(teacher_eval) == 1
+    # The converted teacher scores exactly what timm's model scores on the same images.
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    correct = total = 0
+    timm_teacher.eval()
+    for batch in train.data.eval_batches("sklearn_digits", data_dir=digits_dir,
+                                         global_batch_size=64, image_size=16):
+        images = torch.from_numpy(((batch["image"] - mean) / std).astype(np.float32))
+        with torch.no_grad():
+            predictions = timm_teacher(images.permute(0, 3, 1, 2)).argmax(-1).numpy()
+        correct += int(((predictions == batch["label"]) * batch["mask"]).sum())
+        total += int(batch["mask"].sum())
+    assert total == 360
+    np.testing.assert_allclose(teacher_eval[0]["eval/teacher_top1"], 100.0 * correct / total,
+                               rtol=1e-6)
