@@ -12,6 +12,9 @@ from jaxkd.convert.core import abstract_variables
 from jaxkd.convert.timm_import import import_timm
 from jaxkd.models import create_model, model_info
 
+from timm_parity import (assert_parity, flat, max_diff, parameter_count, scaled_tolerance,
+                         timm_outputs)
+
 timm = import_timm()
 
 NUM_CLASSES = 10
@@ -70,22 +73,6 @@ def _perturbed_timm_model(name, size, num_classes=NUM_CLASSES, seed=0, **kw):
     return model.eval()
 
 
-def _timm_outputs(name, model, images_nchw):
-    """timm logits, pre-logits embedding and the four stage maps (as NHWC numpy)."""
-    stages = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: stages.append(out))
-             for m in _stage_modules(name, model)]
-    try:
-        with torch.no_grad():
-            logits = model(images_nchw)
-            embedding = model.forward_head(model.forward_features(images_nchw), pre_logits=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return (logits.numpy(), embedding.numpy(),
-            [s.permute(0, 2, 3, 1).numpy() for s in stages[:4]])
-
-
 def _random_images(size, batch, seed=0):
     images = torch.from_numpy(np.random.default_rng(seed).normal(
         size=(batch, 3, size, size)).astype(np.float32))
@@ -111,39 +98,21 @@ def _random_variables(model, images, seed=0):
             return rng.uniform(0.5, 1.5, leaf.shape)
         return rng.normal(0.0, 0.1, leaf.shape)
 
-    flat = flax.traverse_util.flatten_dict(shapes)
     return flax.traverse_util.unflatten_dict(
-        {path: jnp.asarray(fill(path, leaf), jnp.float32) for path, leaf in flat.items()})
-
-
-def _max_diff(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
-
-
-def _feature_tolerance(reference):
-    """1e-4, relative to the map's scale once that exceeds 1.
-
-    Un-normalised stage maps of deep float32 nets drift further than logits: on full-size
-    ResNet-50 timm's own float32 stage-3 map is 3e-4 from its float64 twin (values ~10).
-    """
-    return 1e-4 * max(1.0, float(np.max(np.abs(reference))))
+        {path: jnp.asarray(fill(path, leaf), jnp.float32) for path, leaf in flat(shapes).items()})
 
 
 def _assert_parity(name, kw, size, batch, num_classes):
     model = _perturbed_timm_model(name, size, num_classes=num_classes, **kw)
     variables = timm_to_flax(name, _state_dict(model), **kw)
     images_nchw, images = _random_images(size, batch)
-    ref_logits, ref_embedding, ref_stages = _timm_outputs(name, model, images_nchw)
-    flax_model = create_model(name, num_classes=num_classes, **kw)
-    logits, features = flax_model.apply(variables, images)
+    expected = timm_outputs(model, images_nchw, _stage_modules(name, model), nchw_stages=True)
+    logits, features = create_model(name, num_classes=num_classes, **kw).apply(variables, images)
     assert logits.shape == (batch, num_classes)
-    assert np.std(ref_logits) > 0.1, "degenerate reference: logits carry no signal"
-    assert _max_diff(logits, ref_logits) <= 1e-4
-    assert _max_diff(features["embedding"], ref_embedding) <= _feature_tolerance(ref_embedding)
-    assert len(features["stages"]) == 4
-    for ours, ref in zip(features["stages"], ref_stages):
-        assert ours.shape == ref.shape
-        assert _max_diff(ours, ref) <= _feature_tolerance(ref)
+    assert np.std(expected[0]) > 0.1, "degenerate reference: logits carry no signal"
+    # Un-normalised (BatchNorm) stage maps: a tolerance relative to their scale.
+    assert_parity(dict(logits=logits, features=features, expected=expected),
+                  feature_tolerance=scaled_tolerance)
 
 
 # ----------------------------------------------------------------------------------- the tests
@@ -165,7 +134,7 @@ def test_parity_with_timm_full_size(name):
 def test_parameter_count_equals_timm(name):
     timm_count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
     shapes = abstract_variables(name, 1000)
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == timm_count
+    assert parameter_count(shapes["params"]) == timm_count
     # Only BatchNorm models carry running statistics.
     assert ("batch_stats" in shapes) == (name != "convnext_tiny")
 
@@ -194,10 +163,10 @@ def test_round_trip(name, kw, size):
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy())
     again = timm_to_flax(name, exported, **kw)
-    flat, flat_again = (flax.traverse_util.flatten_dict(v) for v in (variables, again))
-    assert flat.keys() == flat_again.keys()
-    for path, value in flat.items():
-        np.testing.assert_array_equal(flat_again[path], value)
+    original, back = flat(variables), flat(again)
+    assert original.keys() == back.keys()
+    for path, value in original.items():
+        np.testing.assert_array_equal(back[path], value)
 
 
 @pytest.mark.parametrize("name,kw,size", PER_FAMILY, ids=PER_FAMILY_IDS)
@@ -209,9 +178,8 @@ def test_head_reinit_for_another_class_count(name, kw, size):
     assert head_key in str(error.value)
     assert head_key.replace("weight", "bias") in str(error.value)
 
-    reinit = flax.traverse_util.flatten_dict(
-        timm_to_flax(name, sd, num_classes=5, reinit_head=True, **kw))
-    same = flax.traverse_util.flatten_dict(timm_to_flax(name, sd, **kw))
+    reinit = flat(timm_to_flax(name, sd, num_classes=5, reinit_head=True, **kw))
+    same = flat(timm_to_flax(name, sd, **kw))
     assert reinit[("params", "head", "kernel")].shape[-1] == 5
     assert reinit[("params", "head", "bias")].shape == (5,)
     for path, value in same.items():
@@ -260,11 +228,11 @@ def test_pre_stage_hook(name, kw, size):
         return x + jnp.linspace(0.0, 1.0, x.shape[-1]) if index == 2 else x
 
     shifted_logits, shifted = model.apply(variables, images, pre_stage=add_at_stage_two)
-    assert _max_diff(shifted_logits, logits) > 1e-3
+    assert max_diff(shifted_logits, logits) > 1e-3
     for k in range(2):
         np.testing.assert_array_equal(shifted["stages"][k], features["stages"][k])
     for k in range(2, 4):
-        assert _max_diff(shifted["stages"][k], features["stages"][k]) > 1e-3
+        assert max_diff(shifted["stages"][k], features["stages"][k]) > 1e-3
 
 
 def test_train_mode_batch_norm_matches_timm():
@@ -277,7 +245,7 @@ def test_train_mode_batch_norm_matches_timm():
         ref_logits = model(images_nchw).numpy()
     (logits, _), updates = create_model(name, num_classes=NUM_CLASSES, **kw).apply(
         variables, images, train=True, mutable=["batch_stats"])
-    assert _max_diff(logits, ref_logits) <= 1e-4
+    assert max_diff(logits, ref_logits) <= 1e-4
     # PyTorch momentum 0.1 == Flax momentum 0.9 for the running mean.
     np.testing.assert_allclose(updates["batch_stats"]["layer2_0"]["bn1"]["mean"],
                                model.layer2[0].bn1.running_mean.numpy(), atol=1e-5)
@@ -295,8 +263,8 @@ def test_drop_path_only_in_training(name, kw, size):
                            rngs={"dropout": jax.random.PRNGKey(seed)})[0][0]
 
     np.testing.assert_array_equal(run(dropping, False), run(plain, False))
-    assert _max_diff(run(dropping, True), run(plain, True)) > 1e-3
-    assert _max_diff(run(dropping, True, 0), run(dropping, True, 1)) > 1e-3
+    assert max_diff(run(dropping, True), run(plain, True)) > 1e-3
+    assert max_diff(run(dropping, True, 0), run(dropping, True, 1)) > 1e-3
     np.testing.assert_array_equal(run(dropping, True, 2), run(dropping, True, 2))
 
 
@@ -312,4 +280,4 @@ def test_bfloat16_compute_keeps_float32_params():
     logits32, _ = model32.apply(variables, images)
     assert logits16.dtype == jnp.bfloat16
     scale = float(np.max(np.abs(logits32)))
-    assert _max_diff(logits16, logits32) <= 0.05 * scale
+    assert max_diff(logits16, logits32) <= 0.05 * scale
