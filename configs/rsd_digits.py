@@ -44,7 +44,7 @@ def _common(train_fraction: float, steps: int):
 
 def get_config(arg=None):
     del arg
-    teacher = _common(train_fraction=1.0, steps=200)
+    teacher = _common(train_fraction=1.0, steps=300)
     teacher.description = "ResNet teacher (1 block per stage), full train split"
     teacher.student.name = TEACHER
     teacher.student.overrides = TEACHER_OVERRIDES
@@ -53,7 +53,7 @@ def get_config(arg=None):
     teacher.label_smoothing = 0.1
 
     def student(method, description):
-        config = _common(train_fraction=0.25, steps=200)
+        config = _common(train_fraction=0.25, steps=300)
         config.description = description
         config.student.name = STUDENT
         config.student.overrides = STUDENT_OVERRIDES
@@ -69,7 +69,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.title = "digits: ResNet teacher -> DeiT student (25% of train)"
     config.notes = ("One seed; the test split has 360 images, so one image is 0.28 points. "
-                    "The students see 359 training images for 200 steps of 64.")
+                    "The students see 359 training images for 300 steps of 64.")
     config.run_order = ("teacher", "scratch", "kd", "rsd")
     config.runs = ml_collections.ConfigDict({
         "teacher": teacher,
