@@ -54,14 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.description = ""  # one line, shown in suite summaries
-    # sampler "random" (jaxkd.data.train_batches) or "neighbours" (CoSS's nearest-neighbour
-    # batches, jaxkd.data.neighbours: anchors of 1 + num_neighbours images, neighbours drawn
-    # from the top neighbour_pool of a teacher index of index_size neighbours per example).
+    # sampler: "" = the one the method declares; "random" (jaxkd.data.train_batches) or
+    # "neighbours" (CoSS's nearest-neighbour batches, jaxkd.data.neighbours: anchors of
+    # 1 + num_neighbours images, neighbours drawn from the top neighbour_pool of a teacher
+    # index of index_size neighbours per example).
     c.dataset = ml_collections.ConfigDict(
         {"name": "cifar100", "data_dir": "", "image_size": 224, "train_fraction": 1.0,
-         "sampler": "random", "num_neighbours": 15, "neighbour_pool": 31, "index_size": 384})
+         "sampler": "", "num_neighbours": 15, "neighbour_pool": 31, "index_size": 384})
     c.student = ml_collections.ConfigDict({"name": "", "overrides": {}})
-    c.teacher = ml_collections.ConfigDict({"name": "", "checkpoint": "", "overrides": {}})
+    # min_top1 > 0: a teacher whose held-out top-1 (%) at step 0 is below it stops the run
+    # (exit 2); a teacher near chance level is always reported loudly.
+    c.teacher = ml_collections.ConfigDict({"name": "", "checkpoint": "", "overrides": {},
+                                           "min_top1": 0.0})
     c.method = distill.method_config("ce")
     c.optimizer = ml_collections.ConfigDict({
         "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "b1": 0.9, "b2": 0.999,
@@ -77,8 +81,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 1.0
     c.total_steps = 0  # > 0 overrides num_epochs
     c.label_smoothing = 0.0
-    # False for unsupervised methods (CoSS): the trainer then reads no labels (no train/top1).
-    c.supervised = True
     c.compute_dtype = "float32"
     # How the train state sits on the devices (jaxkd.sharding): "data" replicates it; "fsdp"
     # shards parameters and optimiser state over the data axis. The same for the teacher.
@@ -94,8 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.skip_nonfinite_updates = False
     c.log_every_steps = 50
     c.eval_every_steps = 1000
-    # > 0: every evaluation also logs the teacher-student linear CKA of each stage and of the
-    # embeddings (eval/cka_*) on this many eval examples. Unsupervised runs log eval/knn_top1.
+    # Evaluators run at every evaluation (jaxkd.evaluators): empty = the method's defaults
+    # ("classification" for methods that read labels, "knn" for those that do not), plus
+    # "cka" when eval_cka_examples > 0; the teacher's top-1 is measured once at step 0.
+    c.evals = ()
+    # The teacher-student linear CKA of each stage and of the embeddings (eval/cka_*) on this
+    # many eval examples; > 0 adds the "cka" evaluator to the defaults.
     c.eval_cka_examples = 0
     c.checkpoint_every_steps = 1000
     c.progress_bar = True
@@ -104,6 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 def resolve_model(alias_or_name: str) -> str:
     return ALIASES.get(alias_or_name, alias_or_name)
+
+
+def split_variant(arg: str, variant: str) -> tuple[str, bool]:
+    """('teacher,student', True) from 'teacher,student,<variant>'; (arg, False) otherwise."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    if len(parts) == 3:
+        if parts[2] != variant:
+            raise ConfigError(f"config argument {arg!r}: the third part may only be "
+                              f"{variant!r}")
+        return ",".join(parts[:2]), True
+    return arg, False
 
 
 def parse_pair(arg: str, pairs) -> tuple[str, str]:
@@ -215,11 +232,10 @@ def coss_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"config argument {arg!r} is not 'teacher,student'")
     config = base_config()
-    config.dataset.update(name=dataset, image_size=224, sampler="neighbours", num_neighbours=15,
+    config.dataset.update(name=dataset, image_size=224, num_neighbours=15,
                           neighbour_pool=31, index_size=384)
     config.teacher.name, config.student.name = (resolve_model(p) for p in parts)
     config.method = distill.method_config("coss", lambda_ss=1.0)
-    config.supervised = False
     config.batch_size = 8 * 16 * 16
     config.num_epochs = 25
     config.optimizer.update(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4,

@@ -6,7 +6,7 @@ r"""Throughput of the jaxkd distillation train step against a PyTorch/timm refer
 Measures, for one teacher/student pair, method, batch size and image size (random weights,
 random images): the step time (median of --steps timed steps after --warmup), images/s,
 compile time, peak memory and MFU of
-  * jaxkd: the Trainer's jitted train step (teacher forward, student forward/backward, method
+  * jaxkd: the jitted train step (jaxkd.step) (teacher forward, student forward/backward, method
     loss, optimiser update), FLOPs from XLA's cost analysis of the compiled step;
   * PyTorch eager and torch.compile: the same timm models and the same loss (RSD: CE + lambda *
     RSD with an AAD projector; KD: CE + T^2 KL), SGD with momentum; AMP bf16 + channels_last
@@ -159,7 +159,7 @@ def _config(args):
     config.dataset.image_size = args.image_size
     config.student.name = recipes.resolve_model(args.student)
     config.student.overrides = json.loads(args.student_overrides)
-    if distill.method_entry(args.method).uses_teacher:
+    if distill.method_requirements(args.method).uses_teacher:
         config.teacher.name = recipes.resolve_model(args.teacher)
         config.teacher.overrides = json.loads(args.teacher_overrides)
     config.method = distill.method_config(args.method)
@@ -211,7 +211,7 @@ def run_jaxkd(args) -> dict:
     import jax
     import numpy as np
 
-    from jaxkd import sharding, train
+    from jaxkd import sharding, step as jaxkd_step
 
     config = _config(args)
     mesh = sharding.data_mesh()
@@ -219,18 +219,16 @@ def run_jaxkd(args) -> dict:
         if config.teacher.name:
             config.teacher.checkpoint = _random_teacher_export(config, args.num_classes,
                                                                args.image_size, tmp)
-        trainer = train.Trainer(config, args.num_classes, steps_per_epoch=1000,
-                                total_steps=1000, mesh=mesh)
-    state = trainer.init_state(0)
+        setup, teacher_vars = jaxkd_step.build(config, args.num_classes, 1000, 1000, mesh)
+    state = jaxkd_step.init_state(setup, 0)
     rng = np.random.RandomState(0)
     n, size = args.batch_size, args.image_size
     batch = sharding.global_batch(
         {"image": rng.rand(n, size, size, 3).astype(np.float32),
          "label": rng.randint(0, args.num_classes, n).astype(np.int32),
          "index": np.arange(n, dtype=np.int32)}, mesh)
-    teacher_vars = trainer.teacher_variables
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, teacher_vars, batch).compile()
+    compiled = jaxkd_step.jit_train_step(setup).lower(state, teacher_vars, batch).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -254,9 +252,9 @@ def run_jaxkd(args) -> dict:
             peak_rss_bytes(), "process peak RSS (CPU: no device memory stats)")
     result["device_kind"], result["platform"] = device.device_kind, device.platform
     if args.breakdown:
-        result["breakdown"] = _breakdown(trainer, holder["state"], batch, args)
+        result["breakdown"] = _breakdown(setup, teacher_vars, holder["state"], batch, args)
     if args.profile:
-        result["profile"] = _profile(compiled, step, trainer, args.steps)
+        result["profile"] = _profile(compiled, step, setup, args.steps)
     return result
 
 
@@ -275,7 +273,7 @@ def _part_of(op_name: str, student: str, teacher: str, method: str) -> str:
     return "optimizer update and the rest"
 
 
-def _profile(compiled, step, trainer, steps: int) -> dict:
+def _profile(compiled, step, setup, steps: int) -> dict:
     """Traces `steps` steps with jax.profiler and sums the time of each HLO op (the trace's
     per-op events) by part of the step and by op kind (the HLO name without its number)."""
     import collections
@@ -286,9 +284,9 @@ def _profile(compiled, step, trainer, steps: int) -> dict:
 
     op_names = dict(m.groups() for m in map(_HLO_OP_NAME.match, compiled.as_text().splitlines())
                     if m)
-    names = [type(trainer.student.module).__name__,
-             type(trainer.teacher.module).__name__ if trainer.teacher else "",
-             type(trainer.method).__name__]
+    names = [type(setup.student.module).__name__,
+             type(setup.teacher.module).__name__ if setup.teacher else "",
+             type(setup.method).__name__]
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         for _ in range(steps):
@@ -314,24 +312,33 @@ def _profile(compiled, step, trainer, steps: int) -> dict:
             "modules": {"student": names[0], "teacher": names[1], "method": names[2]}}
 
 
-def _breakdown(trainer, state, batch, args) -> dict:
+def _breakdown(setup, teacher_variables, state, batch, args) -> dict:
     """Teacher forward and student forward/backward (with the method's loss) compiled and
     timed alone; the full step's remainder is the optimiser update and what XLA fuses."""
+    import functools
+
     import jax
 
+    from jaxkd import distill, step as jaxkd_step
+
     def student_grads(params, teacher_out, teacher_variables):
-        runner = trainer._teacher_runner(teacher_variables, batch["image"])  # PAT's prompts
-        return jax.grad(lambda p: trainer.loss(p, state.model_state, teacher_out, runner, batch,
-                                               jax.random.PRNGKey(0))[0])(params)
+        teacher = None
+        if teacher_out is not None:  # the computed outputs, plus the re-run PAT's prompts use
+            rerun = (functools.partial(jaxkd_step.teacher_forward, setup, teacher_variables,
+                                       batch["image"])
+                     if setup.requires.teacher == "rerun" else None)
+            teacher = distill.TeacherView(*teacher_out, rerun=rerun)
+        return jax.grad(lambda p: jaxkd_step.loss(setup, p, state.model_state, teacher, batch,
+                                                  jax.random.PRNGKey(0))[0])(params)
 
     parts = {}
     teacher_out = None
-    if trainer.teacher is not None:
-        teacher = jax.jit(trainer._teacher_forward).lower(
-            trainer.teacher_variables, batch["image"]).compile()
-        parts["teacher_forward"] = (teacher, (trainer.teacher_variables, batch["image"]))
-        teacher_out = teacher(trainer.teacher_variables, batch["image"])
-    inputs = (state.params, teacher_out, trainer.teacher_variables)
+    if setup.teacher is not None:
+        forward = functools.partial(jaxkd_step.teacher_forward, setup)
+        teacher = jax.jit(forward).lower(teacher_variables, batch["image"]).compile()
+        parts["teacher_forward"] = (teacher, (teacher_variables, batch["image"]))
+        teacher_out = teacher(teacher_variables, batch["image"])
+    inputs = (state.params, teacher_out, teacher_variables)
     grads = jax.jit(student_grads).lower(*inputs).compile()
     parts["student_forward_backward"] = (grads, inputs)
     result = {}
@@ -352,7 +359,7 @@ def _torch_losses(method: str, teacher_dim: int, student_dim: int):
 
     from jaxkd import distill
 
-    defaults = distill.method_entry(method).defaults
+    defaults = distill.method_entry(method).config_fields()
     if method == "rsd":
         hidden = int(round(defaults["expansion"] * student_dim))
         aad = torch.nn.Sequential(torch.nn.Linear(student_dim, hidden, bias=False),

@@ -19,7 +19,7 @@ def tiny_config(method: str = "ce", *, data_dir: str = "", dataset: str = "sklea
     config.student.name = VIT
     config.student.overrides = dict(TINY_VIT)
     config.method = distill.method_config(method, **fields)
-    if distill.method_entry(method).uses_teacher:
+    if distill.method_requirements(method).uses_teacher:
         config.teacher.update(name=VIT, checkpoint=teacher_checkpoint)
         config.teacher.overrides = dict(TINY_VIT)
     config.optimizer.update(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine",
@@ -49,3 +49,23 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _views(student, teacher, teacher_forward):
+    return (distill.Outputs(*student),
+            None if teacher is None else distill.TeacherView(*teacher, rerun=teacher_forward))
+
+
+def init_method(method, rng, student, teacher, batch, *, teacher_forward=None, **kwargs):
+    """`method.init` on (logits, features) tuples."""
+    return method.init(rng, *_views(student, teacher, teacher_forward), batch, **kwargs)
+
+
+def apply_method(method, variables, student, teacher, batch, *, teacher_forward=None, **kwargs):
+    """`method.apply` on (logits, features) tuples, returning (loss, metrics) as
+    jaxkd.distill.total_loss sums the terms (and the new state when `mutable` is given)."""
+    out = method.apply(variables, *_views(student, teacher, teacher_forward), batch, **kwargs)
+    if kwargs.get("mutable", False) is not False:
+        terms, state = out
+        return distill.total_loss(terms), state
+    return distill.total_loss(out)

@@ -1,6 +1,7 @@
 """Config files parse for every pair, and bad configs fail with a clear message and exit 2."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,46 @@ def test_cli_dataset_not_prepared_fails_fast_and_clearly(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cifar100" in proc.stderr and str(tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.totl_steps=3", "unknown config field --config.totl_steps (did you mean "
+                              "--config.total_steps?)"),
+    ("--config.batch_size=0", "batch_size=0 must be a positive number of images"),
+    ("--config.dataset.train_fraction=0.0", "dataset.train_fraction=0.0 must be in (0, 1]"),
+], ids=["misspelt", "zero_batch", "empty_fraction"])
+def test_cli_bad_values_are_one_line_errors(tmp_path, override, expected):
+    proc = _main("--config=configs/rsd_cifar.py", override, f"--workdir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", -8, "batch_size=-8"),
+    ("total_steps", -1, "total_steps=-1"),
+    ("num_epochs", float("nan"), "num_epochs=nan"),
+    ("eval_every_steps", 0, "eval_every_steps=0"),
+    ("log_every_steps", 0, "log_every_steps=0"),
+    ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5"),
+    ("label_smoothing", 1.0, "label_smoothing=1.0"),
+    ("ema_decay", -0.1, "ema_decay=-0.1"),
+    ("dataset.image_size", 0, "dataset.image_size=0"),
+    ("dataset.train_fraction", 1.5, "dataset.train_fraction=1.5"),
+    ("optimizer.lr", -0.1, "optimizer.lr=-0.1"),
+    ("optimizer.momentum", 1.0, "optimizer.momentum=1.0"),
+    ("teacher.min_top1", 101.0, "teacher.min_top1=101.0"),
+    ("student.name", "", "student.name must not be empty"),
+    ("dataset.name", " ", "dataset.name must not be empty"),
+])
+def test_config_values_out_of_range_are_refused(field, value, message):
+    from jaxkd import run_config
+
+    config = _load("configs/rsd_cifar.py")
+    run_config.check_config_values(config)  # the config as written is valid
+    section, _, key = field.rpartition(".")
+    with config.unlocked():
+        (config[section] if section else config)[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_config.check_config_values(config)

@@ -69,7 +69,7 @@ def test_distillation_config_parses_for_every_pair(method, setting):
         assert config.student.name == recipes.resolve_model(student)
         assert config.teacher.checkpoint == ""  # given on the command line
         assert config.method.name == method
-        assert set(config.method) == {"name", *distill.method_entry(method).defaults}
+        assert set(config.method) == {"name", *distill.method_entry(method).config_fields()}
         _check_recipe(config, setting)
     assert (default.teacher.name, default.student.name) == (
         "swin_tiny_patch4_window7_224", "resnet18")
@@ -90,8 +90,14 @@ def test_method_settings_of_the_papers():
     assert (rsd_imagenet.method.rsd_weight, rsd_imagenet.method.expansion) == (0.01, 4.0)
     assert _get_config("fitnet_cifar")().method.fitnet_weight == 0.1
     crd = _get_config("crd_imagenet")().method
-    assert (crd.feat_dim, crd.num_negatives, crd.temperature, crd.momentum) == (
-        128, 16384, 0.07, 0.5)
+    assert (crd.feat_dim, crd.num_negatives, crd.temperature, crd.momentum, crd.negatives) == (
+        128, 16384, 0.07, 0.5, "other_class")
+    pat_cifar = _get_config("pat_cifar")
+    assert pat_cifar("swin_t,res18").method.se_gate_only is False
+    official = pat_cifar("swin_t,res18,official")
+    assert official.method.se_gate_only is True and official.student.name == "resnet18"
+    with pytest.raises(ConfigError, match="third part"):
+        pat_cifar("swin_t,res18,paper")
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))

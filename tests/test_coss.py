@@ -12,7 +12,7 @@ from jaxkd.analysis import probe
 from jaxkd.data import neighbours
 from jaxkd.metric_writer import read_metrics
 
-from helpers import load_script, random_teacher, tiny_config
+from helpers import apply_method, init_method, load_script, random_teacher, tiny_config
 
 RESNET_OVERRIDES = {"layers": (1, 1, 1, 1)}
 
@@ -100,7 +100,7 @@ def test_neighbour_batches_serve_the_indexed_images(digits_dir):
 
 
 def _coss_module(student_dim, teacher_dim, stats_groups=1):
-    spec = lambda dim: distill.ModelSpec("m", "cnn", 10, dim, ())
+    spec = lambda dim: distill.ModelSpec("m", 10, dim, (), token_stages=False)
     config = distill.method_config("coss", hidden_dim=16, stats_groups=stats_groups)
     ctx = distill.MethodContext(num_devices=8, label_smoothing=0.0)
     return distill.create_method(config, spec(student_dim), spec(teacher_dim), ctx)
@@ -113,8 +113,9 @@ def test_coss_method_loss_and_labels_unused():
     batch = {"image": jnp.zeros((8, 4, 4, 3)), "label": jnp.arange(8) % 10,
              "index": jnp.arange(8)}
     method = _coss_module(6, 12, stats_groups=2)
-    variables = method.init(jax.random.PRNGKey(0), student, teacher, batch, train=False)
-    (loss, metrics), _ = method.apply(variables, student, teacher, batch, train=True,
+    variables = init_method(method, jax.random.PRNGKey(0), student, teacher, batch,
+                            train=False)
+    (loss, metrics), _ = apply_method(method, variables, student, teacher, batch, train=True,
                                       mutable=[])
     head = variables["params"]["head"]
     mapped = jax.nn.relu(student[1]["embedding"] @ head["Dense_0"]["kernel"] +
@@ -127,12 +128,12 @@ def test_coss_method_loss_and_labels_unused():
     shuffled = {**batch, "label": batch["label"][::-1]}
     no_labels = {k: v for k, v in batch.items() if k != "label"}
     for other in (shuffled, no_labels):
-        (other_loss, _), _ = method.apply(variables, student, teacher, other, train=True,
-                                          mutable=[])
+        (other_loss, _), _ = apply_method(method, variables, student, teacher, other,
+                                          train=True, mutable=[])
         assert float(other_loss) == float(loss)
     same_width = _coss_module(12, 12)
-    assert "head" not in same_width.init(jax.random.PRNGKey(0), teacher, teacher, batch,
-                                         train=False).get("params", {})
+    assert "head" not in init_method(same_width, jax.random.PRNGKey(0), teacher, teacher,
+                                     batch, train=False).get("params", {})
 
 
 def test_knn_and_linear_probe_on_separable_toy_set():
@@ -162,9 +163,7 @@ def test_coss_end_to_end_with_neighbour_sampler(tmp_path, digits_dir):
                          hidden_dim=64)
     config.teacher.name = "resnet18"
     config.teacher.overrides = dict(RESNET_OVERRIDES)
-    config.dataset.update(sampler="neighbours", num_neighbours=3, neighbour_pool=5,
-                          index_size=8)
-    config.supervised = False
+    config.dataset.update(num_neighbours=3, neighbour_pool=5, index_size=8)
     config.eval_batch_size = 256  # also the batch of the teacher's pass over the train split
     workdir = str(tmp_path / "run")
     result = train.train_and_evaluate(config, workdir)

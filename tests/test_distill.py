@@ -9,12 +9,14 @@ from jaxkd import distill, losses
 from jaxkd.distill import rsd
 from jaxkd.errors import ConfigError
 
+from helpers import apply_method, init_method
+
 CTX = distill.MethodContext(num_devices=8, label_smoothing=0.1)
 
 
-def _spec(name, dim, family="cnn"):
-    return distill.ModelSpec(name=name, family=family, num_classes=100, embed_dim=dim,
-                             stage_shapes=())
+def _spec(name, dim):
+    return distill.ModelSpec(name=name, num_classes=100, embed_dim=dim, stage_shapes=(),
+                             token_stages=False)
 
 
 def test_unknown_method_lists_the_registered_ones():
@@ -46,8 +48,8 @@ def test_aad_parameter_count_matches_the_paper(student_dim, teacher_dim, expansi
     out_s = (jnp.zeros((16, 100)), {"embedding": jnp.zeros((16, student_dim))})
     out_t = (jnp.zeros((16, 100)), {"embedding": jnp.zeros((16, teacher_dim))})
     batch = {"label": jnp.zeros((16,), jnp.int32)}
-    shapes = jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), out_s, out_t, batch,
-                                                train=False))
+    shapes = jax.eval_shape(lambda: init_method(method, jax.random.PRNGKey(0), out_s, out_t,
+                                                batch, train=False))
     count = sum(int(np.prod(x.shape)) for c in ("params", "batch_stats")
                 for x in jax.tree.leaves(shapes[c]))
     # BN running statistics are buffers, not trainable: the paper counts weights + BN affine.
@@ -66,9 +68,10 @@ def test_rsd_method_combines_ce_and_grouped_rsd():
     out_t = (jnp.asarray(t_logits, jnp.float32), {"embedding": jnp.asarray(rng.randn(16, 5),
                                                                            jnp.float32)})
     labels = jnp.arange(16) % 10
-    variables = method.init(jax.random.PRNGKey(0), out_s, out_t, {"label": labels}, train=False)
-    (loss, metrics), _ = method.apply(variables, out_s, out_t, {"label": labels}, train=True,
-                                      mutable=["batch_stats"])
+    variables = init_method(method, jax.random.PRNGKey(0), out_s, out_t, {"label": labels},
+                            train=False)
+    (loss, metrics), _ = apply_method(method, variables, out_s, out_t, {"label": labels},
+                                      train=True, mutable=["batch_stats"])
     projected, _ = rsd.AAD(method.hidden_dim, 5).apply(
         {"params": variables["params"]["aad"], "batch_stats": variables["batch_stats"]["aad"]},
         out_s[1]["embedding"], train=True, mutable=["batch_stats"])
@@ -77,4 +80,4 @@ def test_rsd_method_combines_ce_and_grouped_rsd():
     ce = losses.cross_entropy(out_s[0], labels, label_smoothing=0.1)
     np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-6)
     np.testing.assert_allclose(loss, ce + 0.5 * metrics["rsd"], rtol=1e-6)
-    assert method.stats_groups == 8  # per device by default
+    assert method.num_groups == 8  # per device by default (stats_groups 0)

@@ -12,20 +12,23 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxkd import checkpoint, distill, losses, models, recipes, sharding, train
+from jaxkd import build, checkpoint, distill, losses, models, recipes, run_config, sharding, step, train
 from jaxkd.distill import crd, fitnet, ofa, rsd
 from jaxkd.errors import ConfigError
 from jaxkd.metric_writer import read_metrics
 
-from helpers import random_teacher, tiny_config
+from helpers import apply_method, random_teacher, tiny_config
 
-CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_examples=50)
+TRAIN_LABELS = np.arange(50) % 10  # CRD's other-class negatives read them
+CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_examples=50,
+                            train_labels=TRAIN_LABELS)
 BATCH = 8
 
 
 def _spec(name, family, num_classes, embed_dim, stage_shapes):
-    return distill.ModelSpec(name=name, family=family, num_classes=num_classes,
-                             embed_dim=embed_dim, stage_shapes=tuple(map(tuple, stage_shapes)))
+    return distill.ModelSpec(name=name, num_classes=num_classes, embed_dim=embed_dim,
+                             stage_shapes=tuple(map(tuple, stage_shapes)),
+                             token_stages=family != "cnn")
 
 
 def _maps(channels, side=56):
@@ -51,9 +54,10 @@ def _method(name, student, teacher, ctx=CTX, **fields):
 
 def _init(method, student, teacher, batch=BATCH):
     """Jitted: eager Flax init compiles every primitive on its own, which is much slower."""
-    return jax.jit(lambda: method.init(jax.random.PRNGKey(0), _outputs(student, 1, batch),
-                                       _outputs(teacher, 2, batch),
-                                       _batch(student.num_classes, batch), train=False))()
+    return jax.jit(lambda: method.init(
+        jax.random.PRNGKey(0), distill.Outputs(*_outputs(student, 1, batch)),
+        distill.TeacherView(*_outputs(teacher, 2, batch)), _batch(student.num_classes, batch),
+        train=False))()
 
 
 def _random_variables(method, student, teacher):
@@ -74,6 +78,11 @@ def _random_variables(method, student, teacher):
 def _apply(module, variables, *args, **kwargs):
     """Jitted module.apply (keyword arguments are static)."""
     return jax.jit(lambda v, a: module.apply(v, *a, **kwargs))(variables, args)
+
+
+def _apply_method(method, variables, *args, **kwargs):
+    """Jitted helpers.apply_method (keyword arguments are static)."""
+    return jax.jit(lambda v, a: apply_method(method, v, *a, **kwargs))(variables, args)
 
 
 def _count(tree):
@@ -140,9 +149,9 @@ def registry_spec():
 
     def spec_of(alias, classes):
         if (alias, classes) not in cache:
-            handle = train.build_model(ml_collections.ConfigDict(
+            handle = build.build_model(ml_collections.ConfigDict(
                 {"name": recipes.resolve_model(alias), "overrides": {}}), classes, jnp.float32)
-            cache[alias, classes] = train.model_spec(handle, 224)
+            cache[alias, classes] = build.model_spec(handle, 224)
         return cache[alias, classes]
 
     return spec_of
@@ -153,7 +162,8 @@ def test_extra_parameters_match_the_papers_with_registry_models(registry_spec):
     # The registry models have the dims written out above.
     for alias, (family, dim, shapes) in HAND_WRITTEN.items():
         spec = registry_spec(alias, 100)
-        assert (spec.family, spec.embed_dim, spec.stage_shapes) == (family, dim, tuple(shapes))
+        assert (spec.token_stages, spec.embed_dim, spec.stage_shapes) == (
+            family != "cnn", dim, tuple(shapes))
 
 
 # --- OFA -------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def test_ofa_total_is_ce_plus_final_and_branch_ofa_and_branches_train_only_on_th
     variables = _random_variables(method, CNN_STUDENT, TOKEN_TEACHER)
     out_s, out_t = _outputs(CNN_STUDENT, 3), _outputs(TOKEN_TEACHER, 4)
     batch = _batch(10)
-    (loss, metrics), _ = _apply(method, variables, out_s, out_t, batch, train=True,
+    (loss, metrics), _ = _apply_method(method, variables, out_s, out_t, batch, train=True,
                                 mutable=["batch_stats"])
     branch_logits, _ = _apply(
         ofa.OFABranches(CNN_STUDENT, 64),
@@ -268,8 +278,8 @@ def test_ofa_total_is_ce_plus_final_and_branch_ofa_and_branches_train_only_on_th
         (ce + 0.7 * kd + 0.5 * sum(parts), parts[2]), rtol=1e-5)
 
     def loss_of(params, stages, term):
-        (total, metrics), _ = method.apply(
-            {**variables, "params": params}, (out_s[0], {**out_s[1], "stages": stages}), out_t,
+        (total, metrics), _ = apply_method(
+            method, {**variables, "params": params}, (out_s[0], {**out_s[1], "stages": stages}), out_t,
             batch, train=True, mutable=["batch_stats"])
         return total if term is None else metrics[term]
 
@@ -312,7 +322,7 @@ def test_rsd_on_logits_maps_student_logits_to_teacher_logits():
     assert kernels["Dense_0/kernel"].shape == (10, 30)
     assert kernels["Dense_1/kernel"].shape == (30, 10)
     out_s, out_t = _outputs(student, 3), _outputs(TOKEN_TEACHER, 4)
-    (loss, metrics), _ = _apply(method, variables, out_s, out_t, _batch(10), train=True,
+    (loss, metrics), _ = _apply_method(method, variables, out_s, out_t, _batch(10), train=True,
                                 mutable=["batch_stats"])
     projected, _ = rsd.AAD(30, 10).apply(
         {"params": variables["params"]["aad"], "batch_stats": variables["batch_stats"]["aad"]},
@@ -331,12 +341,13 @@ def test_rsd_ofa_is_rsd_plus_the_ofa_branches():
     variables = _random_variables(method, CNN_STUDENT, TOKEN_TEACHER)
     out_s, out_t = _outputs(CNN_STUDENT, 3), _outputs(TOKEN_TEACHER, 4)
     batch = _batch(10)
-    (loss, metrics), _ = _apply(method, variables, out_s, out_t, batch, train=True,
+    (loss, metrics), _ = _apply_method(method, variables, out_s, out_t, batch, train=True,
                                 mutable=["batch_stats"])
     rsd_only = _method("rsd", CNN_STUDENT, TOKEN_TEACHER, rsd_weight=0.2)
-    (rsd_loss, rsd_metrics), _ = _apply(
+    (rsd_loss, rsd_metrics), _ = _apply_method(
         rsd_only,
-        {"params": variables["params"]["rsd"], "batch_stats": variables["batch_stats"]["rsd"]},
+        {"params": {"aad": variables["params"]["aad"]},
+         "batch_stats": {"aad": variables["batch_stats"]["aad"]}},
         out_s, out_t, batch, train=True, mutable=["batch_stats"])
     branch_logits, _ = _apply(
         ofa.OFABranches(CNN_STUDENT, 64, (1, 3)),
@@ -358,11 +369,12 @@ def test_dkd_weight_warms_up_linearly_over_training_steps():
     dkd = losses.dkd_loss(out_s[0], out_t[0], batch["label"], alpha=1.0, beta=8.0,
                           temperature=4.0)
     ce = losses.cross_entropy(out_s[0], batch["label"], label_smoothing=0.1)
-    (loss, _), _ = method.apply(variables, out_s, out_t, batch, train=False, mutable=True)
+    (loss, _), _ = apply_method(method, variables, out_s, out_t, batch, train=False,
+                                mutable=True)
     np.testing.assert_allclose(loss, ce + 0.25 * dkd, rtol=1e-5)  # eval: no step taken
     for step in range(1, 7):
-        (loss, metrics), state = method.apply(variables, out_s, out_t, batch, train=True,
-                                              mutable=["counters"])
+        (loss, metrics), state = apply_method(method, variables, out_s, out_t, batch,
+                                              train=True, mutable=["counters"])
         variables = {**variables, **state}
         weight = min(step / 4, 1.0)
         chex.assert_trees_all_close((loss, metrics["dkd_weight"], metrics["dkd"]),
@@ -373,7 +385,7 @@ def test_dist_total_is_ce_plus_weighted_dist():
     method = _method("dist", CNN_STUDENT, TOKEN_TEACHER, beta=2.0, gamma=0.5, temperature=3.0,
                      kd_weight=0.4)
     out_s, out_t, batch = _outputs(CNN_STUDENT, 3), _outputs(TOKEN_TEACHER, 4), _batch(10)
-    loss, metrics = method.apply({}, out_s, out_t, batch, train=True)
+    loss, metrics = apply_method(method, {}, out_s, out_t, batch, train=True)
     dist = losses.dist_loss(out_s[0], out_t[0], beta=2.0, gamma=0.5, temperature=3.0)
     ce = losses.cross_entropy(out_s[0], batch["label"], label_smoothing=0.1)
     chex.assert_trees_all_close((loss, metrics["dist"]), (ce + 0.4 * dist, dist), rtol=1e-5)
@@ -419,7 +431,7 @@ def test_fitnet_total_is_ce_plus_weighted_mse_of_aligned_stages(student, teacher
     method = _method("fitnet", student, teacher, fitnet_weight=0.3)
     variables = _random_variables(method, student, teacher)
     out_s, out_t, batch = _outputs(student, 3), _outputs(teacher, 4), _batch(10)
-    loss, metrics = _apply(method, variables, out_s, out_t, batch, train=True)
+    loss, metrics = _apply_method(method, variables, out_s, out_t, batch, train=True)
     mses = []
     for k in range(4):
         s_prefix, t_prefix = (ofa.token_layout(spec.stage_shapes[k])[0]
@@ -473,7 +485,7 @@ def test_crd_scores_memory_updates_and_normalisation_constants():
     index = np.asarray(batch["index"])
     z = {}
     for step in range(2):
-        (loss, metrics), state = _apply(
+        (loss, metrics), state = _apply_method(
             method, variables, out_s, out_t, batch, train=True,
             rngs={"dropout": jax.random.PRNGKey(step)}, mutable=["memory", "intermediates"],
             capture_intermediates=lambda module, _: isinstance(module, crd.ContrastIndices))
@@ -506,6 +518,30 @@ def test_crd_needs_the_train_set_size():
     ctx = distill.MethodContext(num_devices=1, label_smoothing=0.0)
     with pytest.raises(ConfigError, match="num_train_examples"):
         _method("crd", CNN_STUDENT, TOKEN_TEACHER, ctx=ctx)
+    ctx = distill.MethodContext(num_devices=1, label_smoothing=0.0, num_train_examples=50)
+    with pytest.raises(ConfigError, match="train_labels"):
+        _method("crd", CNN_STUDENT, TOKEN_TEACHER, ctx=ctx)
+    _method("crd", CNN_STUDENT, TOKEN_TEACHER, ctx=ctx, negatives="uniform")  # needs none
+    with pytest.raises(ConfigError, match="negatives"):
+        _method("crd", CNN_STUDENT, TOKEN_TEACHER, negatives="hard")
+
+
+@pytest.mark.parametrize("labels", [np.arange(60) % 3, np.repeat([0, 1, 2, 3], [1, 5, 30, 4])],
+                         ids=["balanced", "skewed"])
+def test_crd_negatives_come_from_other_classes_uniformly(labels):
+    groups = {k: jnp.asarray(v) for k, v in crd.class_groups(labels).items()}
+    index = jnp.arange(len(labels), dtype=jnp.int32)
+    draws = np.asarray(jax.jit(crd.other_class_draw, static_argnums=3)(
+        jax.random.PRNGKey(0), groups, index, 4000))
+    assert draws.shape == (len(labels), 4000)
+    assert not np.any(labels[draws] == labels[:, None])  # no negative shares the class
+    # Uniform over the other classes' examples: each allowed example about equally often.
+    anchor = int(np.argmax(labels == 2))  # class 2 is the largest class in the skewed case
+    allowed = np.flatnonzero(labels != labels[anchor])
+    counts = np.bincount(draws[anchor], minlength=len(labels))[allowed]
+    expected = 4000 / len(allowed)
+    assert counts.min() > 0.5 * expected and counts.max() < 1.6 * expected
+    assert set(np.unique(draws[anchor])) == set(allowed)
 
 
 # --- end to end on the digits ----------------------------------------------------------------
@@ -557,13 +593,13 @@ def test_method_distills_end_to_end(tmp_path, digits_dir, teachers, method, stud
     if method == "dkd":
         assert [m["train/dkd_weight"] for m in steps] == [0.5, 1.0]
     if method == "crd":  # the memory banks are carried in the train state and checkpointed
-        trainer = train.Trainer(config, num_classes=10, steps_per_epoch=89, total_steps=2,
-                                mesh=sharding.data_mesh(), num_train_examples=1437)
+        setup, _ = step.build(config, 10, 89, 2, sharding.data_mesh(),
+                              num_train_examples=1437, train_labels=np.arange(1437) % 10)
         ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
-        state = ckpt.restore(2, trainer.abstract_state(), train.run_metadata(config, 10))
+        state = ckpt.restore(2, step.abstract_state(setup), run_config.run_metadata(config, 10))
         ckpt.close()
         memory = state.model_state["method"]["memory"]
-        initial = trainer.init_state(config.seed).model_state["method"]["memory"]
+        initial = step.init_state(setup, config.seed).model_state["method"]["memory"]
         for side in ("student", "teacher"):
             assert memory[side].shape == (1437, 128)  # the digits train split
             changed = np.any(np.asarray(memory[side]) != np.asarray(initial[side]), axis=1)

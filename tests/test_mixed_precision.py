@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from jaxkd import losses, sharding, train
+from jaxkd import distill, losses, sharding, step
 
 from helpers import random_teacher, tiny_config
 
@@ -33,31 +33,31 @@ def _digits_batches():
 
 @pytest.fixture(scope="module")
 def trainers(teacher_dir):
-    """float32 and bf16 trainers of one tiny RSD run on one device."""
+    """float32 and bf16 (setup, teacher variables) of one tiny RSD run on one device."""
     built = {}
     for dtype in ("float32", "bfloat16"):
         config = tiny_config("rsd", teacher_checkpoint=teacher_dir, steps=STEPS,
                              batch_size=BATCH)
         config.compute_dtype = dtype
-        built[dtype] = train.Trainer(config, num_classes=10, steps_per_epoch=STEPS,
-                                     total_steps=STEPS,
-                                     mesh=sharding.data_mesh(jax.devices()[:1]))
+        built[dtype] = step.build(config, 10, STEPS, STEPS,
+                                  sharding.data_mesh(jax.devices()[:1]))
     return built
 
 
 def test_bf16_loss_curve_tracks_float32(trainers):
-    mesh = trainers["float32"].mesh
+    mesh = trainers["float32"][0].mesh
     batches = [sharding.global_batch(b, mesh) for b in _digits_batches()]
     curves, states = {}, {}
-    for dtype, trainer in trainers.items():
-        state, curve = trainer.init_state(0), []
+    for dtype, (setup, teacher_variables) in trainers.items():
+        state, curve = step.init_state(setup, 0), []
+        train_step = step.jit_train_step(setup)
         for batch in batches:
-            state, metrics = trainer.train_step(state, trainer.teacher_variables, batch)
+            state, metrics = train_step(state, teacher_variables, batch)
             assert all(v.dtype == jnp.float32 for v in metrics.values())
             curve.append(float(metrics["train/loss"]))
         curves[dtype], states[dtype] = np.asarray(curve), state
     # The models really computed in bf16; what is stored stays float32.
-    logits, features = trainer.student.module.apply(
+    logits, features = setup.student.module.apply(
         {"params": states["bfloat16"].params["student"]}, batches[0]["image"])
     assert logits.dtype == features["embedding"].dtype == jnp.bfloat16
     for leaf in jax.tree.leaves((states["bfloat16"].params, states["bfloat16"].opt_state,
@@ -89,19 +89,19 @@ def _input_dtypes(jaxpr, primitives):
 
 def test_rsd_method_computes_in_float32_from_bf16_features(trainers):
     """The AAD projector, its BN and the RSD and CE reductions see float32 only."""
-    trainer = trainers["bfloat16"]
-    state = trainer.init_state(0)
+    setup, teacher_variables = trainers["bfloat16"]
+    state = step.init_state(setup, 0)
     batch = _digits_batches()[0]
     images = jnp.asarray(batch["image"])
-    student_out = trainer.student.module.apply({"params": state.params["student"]}, images)
-    teacher_out = trainer._teacher_forward(trainer.teacher_variables, images)
-    assert teacher_out[1]["embedding"].dtype == jnp.bfloat16
+    student_out = setup.student.module.apply({"params": state.params["student"]}, images)
+    teacher = step.teacher_view(setup, teacher_variables, images)
+    assert teacher.features["embedding"].dtype == jnp.bfloat16
 
     def method_loss(params):
-        (loss, _), _ = trainer.method.apply(
-            {"params": params, **state.model_state["method"]}, student_out, teacher_out,
-            batch, train=True, mutable=["batch_stats"])
-        return loss
+        terms, _ = setup.method.apply(
+            {"params": params, **state.model_state["method"]}, distill.Outputs(*student_out),
+            teacher, batch, train=True, mutable=["batch_stats"])
+        return distill.total_loss(terms)[0]
 
     jaxpr = jax.make_jaxpr(jax.grad(method_loss))(state.params["method"]).jaxpr
     dtypes = _input_dtypes(jaxpr, {"dot_general", "reduce_sum", "reduce_max"})

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxkd import checkpoint, data, sharding, train
+from jaxkd import checkpoint, data, run_config, sharding, step
 from jaxkd.metric_writer import read_metrics
 
 from helpers import random_teacher, tiny_config
@@ -75,20 +75,23 @@ def _reference_run(config, mesh):
     """The same run in this process: global batch k = process 0's batch k, then process 1's."""
     ds = config.dataset
     info = data.dataset_info(ds.name, data_dir=ds.data_dir)
-    steps_per_epoch, total_steps = train.resolve_durations(config, info.num_train_examples)
-    trainer = train.Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh)
+    steps_per_epoch, total_steps = run_config.resolve_durations(config,
+                                                                info.num_train_examples)
+    setup, teacher_variables = step.build(config, info.num_classes, steps_per_epoch,
+                                          total_steps, mesh)
+    train_step = step.jit_train_step(setup)
     streams = [data.train_batches(ds.name, data_dir=ds.data_dir,
                                   global_batch_size=config.batch_size, image_size=ds.image_size,
                                   seed=config.seed, augment=config.augment,
                                   process_index=i, process_count=2) for i in range(2)]
-    state, losses = trainer.init_state(config.seed), []
+    state, losses = step.init_state(setup, config.seed), []
     for _ in range(STEPS):
         parts = [next(stream) for stream in streams]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, metrics = trainer.train_step(state, trainer.teacher_variables,
-                                            sharding.global_batch(batch, mesh))
+        state, metrics = train_step(state, teacher_variables,
+                                    sharding.global_batch(batch, mesh))
         losses.append(float(metrics["train/loss"]))
-    return trainer, state, losses
+    return setup, state, losses
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -104,7 +107,7 @@ def test_two_processes_match_one_process(tmp_path):
         # Computed while the two processes run.
         config = run_config(data_dir, teacher)
         mesh = sharding.data_mesh(jax.devices()[:4])
-        trainer, reference, reference_losses = _reference_run(config, mesh)
+        setup, reference, reference_losses = _reference_run(config, mesh)
         codes = [process.wait(timeout=TIMEOUT_S) for process, _ in launched]
     finally:
         for process, log in launched:
@@ -124,7 +127,7 @@ def test_two_processes_match_one_process(tmp_path):
     # The checkpoint both processes wrote (FSDP: each its own shards) restores in full.
     ckpt = checkpoint.TrainCheckpointer(workdir)
     assert ckpt.latest_step() == STEPS
-    restored = ckpt.restore(STEPS, trainer.abstract_state(), train.run_metadata(config))
+    restored = ckpt.restore(STEPS, step.abstract_state(setup), run_config.run_metadata(config))
     ckpt.close()
     jax.tree.map(_assert_close_to_scale, restored.params, reference.params)
     jax.tree.map(_assert_close_to_scale, restored.opt_state, reference.opt_state)

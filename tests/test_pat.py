@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from jaxkd import checkpoint, distill, sharding, train
+from jaxkd import checkpoint, distill, run_config, sharding, step, train
 from jaxkd.distill import pat
 
-from helpers import random_teacher, tiny_config
+from helpers import apply_method, init_method, random_teacher, tiny_config
 
 BATCH = 4
 CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1)
@@ -24,7 +24,8 @@ def _maps(channels, side=56):
 FAMILIES = {
     "res18": ("cnn", _maps([64, 128, 256, 512]), [(56, 56, 64)] + _maps([64, 128, 256])[:3]),
     "convnext_t": ("cnn", _maps([96, 192, 384, 768]), [(56, 56, 96)] + _maps([96, 192, 384])),
-    "swin_t": ("vit", _maps([96, 192, 384, 768]), [(56, 56, 96)] + _maps([96, 192, 384])),
+    # Swin is prompted after each stage's patch merging: its inputs are its outputs' shapes.
+    "swin_t": ("vit", _maps([96, 192, 384, 768]), _maps([96, 192, 384, 768])),
     "vit_s": ("vit", [(197, 384)] * 4, [(197, 384)] * 4),
     "mixer_b16": ("mlp", [(196, 768)] * 4, [(196, 768)] * 4),
 }
@@ -32,8 +33,9 @@ FAMILIES = {
 
 def _spec(name, num_classes=100):
     family, stages, _ = FAMILIES[name]
-    return distill.ModelSpec(name=name, family=family, num_classes=num_classes,
-                             embed_dim=stages[-1][-1], stage_shapes=tuple(map(tuple, stages)))
+    return distill.ModelSpec(name=name, num_classes=num_classes, embed_dim=stages[-1][-1],
+                             stage_shapes=tuple(map(tuple, stages)),
+                             token_stages=family != "cnn")
 
 
 def _stand_in_teacher(name, calls):
@@ -65,8 +67,8 @@ def test_module_shapes_for_every_family_pair(student, teacher):
     method = distill.create_method(distill.method_config("pat"), s_spec, t_spec, CTX)
     calls = []
     batch = {"label": jnp.zeros((BATCH,), jnp.int32), "index": jnp.zeros((BATCH,), jnp.int32)}
-    shapes = jax.eval_shape(lambda: method.init(
-        jax.random.PRNGKey(0), _outputs(s_spec), _outputs(t_spec), batch, train=False,
+    shapes = jax.eval_shape(lambda: init_method(
+        method, jax.random.PRNGKey(0), _outputs(s_spec), _outputs(t_spec), batch, train=False,
         teacher_forward=_stand_in_teacher(teacher, calls)))
     # Every prompt returns its stage input's shape (a ViT's class token included).
     assert [inp for inp, _ in calls] == list(FAMILIES[teacher][2])
@@ -82,7 +84,7 @@ def test_module_shapes_for_every_family_pair(student, teacher):
         # The feedback is aligned by a 1x1 conv exactly when its shape differs from the input's.
         assert ("feedback_align" in prompt) == (grid != pat._grid_shape(inp))
         align = params[f"align_{i}"]
-        if len(stage) == 3:
+        if FAMILIES[teacher][0] == "cnn":
             assert align["proj"]["kernel"].shape == (1, 1, 512, stage[-1])
         else:
             assert align["proj_channels"]["kernel"].shape == (512, stage[-1])
@@ -94,9 +96,8 @@ def test_real_vit_teacher_prompts_its_patch_tokens(tmp_path):
     """With a real (tiny) DeiT teacher: 17 tokens per stage input, 4 x 4 patch grids prompted."""
     config = tiny_config("pat", teacher_checkpoint=random_teacher(str(tmp_path), 10), steps=1)
     config.student.name, config.student.overrides = "resnet18", {"layers": [1, 1, 1, 1]}
-    trainer = train.Trainer(config, num_classes=10, steps_per_epoch=1, total_steps=1,
-                            mesh=sharding.data_mesh())
-    state = trainer.abstract_state()  # traced through the real teacher's pre_stage hook
+    setup, _ = step.build(config, 10, 1, 1, sharding.data_mesh())
+    state = step.abstract_state(setup)  # traced through the real teacher's pre_stage hook
     per_example = state.model_state["method"][distill.PER_EXAMPLE_COLLECTION]
     assert [per_example[f"feedback_{i}"].shape for i in range(4)] == [(16, 4, 4, 32)] * 4
     params = state.params["method"]
@@ -104,17 +105,30 @@ def test_real_vit_teacher_prompts_its_patch_tokens(tmp_path):
     assert params["align_3"]["proj_tokens"]["kernel"].shape == (16, 16)  # 16 patch tokens
 
 
+def _extra_parameters(student, teacher):
+    method = distill.create_method(distill.method_config("pat"), student, _spec(teacher), CTX)
+    batch = {"label": jnp.zeros((BATCH,), jnp.int32), "index": jnp.zeros((BATCH,), jnp.int32)}
+    shapes = jax.eval_shape(lambda: init_method(
+        method, jax.random.PRNGKey(0), _outputs(student), _outputs(_spec(teacher)), batch,
+        train=False, teacher_forward=_stand_in_teacher(teacher, [])))
+    return {part: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        {k: v for k, v in shapes["params"].items() if k.startswith(part)}))
+        for part in ("raa", "align", "prompt")}
+
+
 def test_extra_parameters_match_the_paper():
     """14.48M (PAT paper, ConvNeXt-T -> DeiT-T on CIFAR-100): RAA, aligners, prompt blocks."""
-    student = distill.ModelSpec("deit_t", "vit", 100, 192, ((197, 192),) * 4)
-    method = distill.create_method(distill.method_config("pat"), student, _spec("convnext_t"),
-                                   CTX)
-    batch = {"label": jnp.zeros((BATCH,), jnp.int32), "index": jnp.zeros((BATCH,), jnp.int32)}
-    shapes = jax.eval_shape(lambda: method.init(
-        jax.random.PRNGKey(0), _outputs(student), _outputs(_spec("convnext_t")), batch,
-        train=False, teacher_forward=_stand_in_teacher("convnext_t", [])))
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
-    assert round(count / 1e6, 2) == 14.48
+    student = distill.ModelSpec("deit_t", 100, 192, ((197, 192),) * 4, token_stages=True)
+    count = sum(_extra_parameters(student, "convnext_t").values())
+    assert count == 14_475_236 and round(count / 1e6, 2) == 14.48
+
+
+def test_extra_parameters_with_a_swin_teacher_match_the_official_code():
+    """Swin-T -> ResNet18 (PAT's main pair): prompts after the patch merging (widths
+    96/192/384/768) and token aligners, as the official code counts them."""
+    parts = _extra_parameters(_spec("res18"), "swin_t")
+    assert parts == {"raa": 13_570_560, "align": 812_533, "prompt": 24_138_904}
+    assert sum(parts.values()) == 38_521_997
 
 
 @pytest.mark.parametrize("size,out", [(7, 56), (14, 16), (3, 4), (56, 28), (5, 5)])
@@ -174,6 +188,10 @@ def test_squeeze_excite_scales_its_input_by_the_gate():
     gate = jax.nn.sigmoid(hidden @ p["excitation"]["kernel"][0, 0] + p["excitation"]["bias"])
     np.testing.assert_allclose(se.apply(variables, x), x * gate[:, None, None, :], rtol=1e-5,
                                atol=1e-6)
+    # The official code's block (se_gate_only): the gate alone, constant over space.
+    official = pat.SqueezeExcite(gate_only=True).apply(variables, x)
+    np.testing.assert_allclose(official, jnp.broadcast_to(gate[:, None, None, :], x.shape),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_block_starts_as_identity_and_uses_feedback_only_when_present():
@@ -217,13 +235,17 @@ def cnn_teacher(tmp_path_factory):
     return path, overrides
 
 
-def _trainer(teacher, steps=3, **fields):
+def _config(teacher, steps=3, **fields):
     path, overrides = teacher
     config = tiny_config("pat", teacher_checkpoint=path, steps=steps, **fields)
     config.teacher.name, config.teacher.overrides = "resnet18", dict(overrides)
     config.optimizer.lr = 1e-2
-    return config, train.Trainer(config, num_classes=10, steps_per_epoch=steps,
-                                 total_steps=steps, mesh=sharding.data_mesh())
+    return config
+
+
+def _setup(teacher, steps=3, **fields):
+    """(setup, teacher variables) of a tiny PAT run."""
+    return step.build(_config(teacher, steps, **fields), 10, steps, steps, sharding.data_mesh())
 
 
 def _batches(n, batch_size=16):
@@ -234,15 +256,16 @@ def _batches(n, batch_size=16):
 
 
 def test_step_trains_prompts_keeps_the_teacher_frozen_and_carries_feedback(cnn_teacher):
-    _, trainer = _trainer(cnn_teacher)
-    mesh = trainer.mesh
-    teacher_before = jax.device_get(trainer.teacher_variables)
-    state = trainer.init_state(0)
+    setup, teacher_variables = _setup(cnn_teacher)
+    train_step = step.jit_train_step(setup)
+    mesh = setup.mesh
+    teacher_before = jax.device_get(teacher_variables)
+    state = step.init_state(setup, 0)
     per_example = state.model_state["method"][distill.PER_EXAMPLE_COLLECTION]
     assert per_example["has_feedback"].sharding.spec == jax.sharding.PartitionSpec("data")
     assert float(jnp.sum(per_example["has_feedback"])) == 0.0
     batches = [sharding.global_batch(b, mesh) for b in _batches(2)]
-    state, metrics = trainer.train_step(state, trainer.teacher_variables, batches[0])
+    state, metrics = train_step(state, teacher_variables, batches[0])
     total = sum(float(metrics[f"train/{k}"]) for k in ("ce", "kd", "hcl", "prompt_reg"))
     np.testing.assert_allclose(float(metrics["train/loss"]), total, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["train/hcl"]), sum(
@@ -251,49 +274,46 @@ def test_step_trains_prompts_keeps_the_teacher_frozen_and_carries_feedback(cnn_t
     assert float(jnp.min(per_example["has_feedback"])) == 1.0
     assert all(float(jnp.abs(per_example[f"feedback_{i}"]).max()) > 0 for i in range(4))
     assert all(float(state.params["method"][f"prompt_{i}"]["beta"]) != 0 for i in range(4))
-    state, _ = trainer.train_step(state, trainer.teacher_variables, batches[1])
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.teacher_variables),
+    state, _ = train_step(state, teacher_variables, batches[1])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_variables),
                  teacher_before)
 
     # No gradient reaches the teacher's weights, though the prompted teacher is differentiated:
     # the training loss as a function of the teacher's weights and the parameters.
     def training_loss(teacher_variables, params):
-        images = batches[1]["image"]
-        return trainer.loss(params, state.model_state,
-                            trainer._teacher_forward(teacher_variables, images),
-                            trainer._teacher_runner(teacher_variables, images), batches[1],
-                            jax.random.PRNGKey(0))[0]
+        teacher = step.teacher_view(setup, teacher_variables, batches[1]["image"])
+        return step.loss(setup, params, state.model_state, teacher, batches[1],
+                         jax.random.PRNGKey(0))[0]
 
     teacher_grads, grads = jax.jit(jax.grad(training_loss, argnums=(0, 1)))(
-        trainer.teacher_variables, state.params)
+        teacher_variables, state.params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(teacher_grads))
     assert float(jnp.abs(grads["method"]["prompt_0"]["prompt_1"]["kernel"]).max()) > 0
 
 
 def test_prompt_regulariser_is_the_kl_of_prompted_to_plain_teacher_logits(cnn_teacher):
-    _, trainer = _trainer(cnn_teacher)
-    state = trainer.init_state(0)
-    batch = sharding.global_batch(_batches(1)[0], trainer.mesh)
+    setup, teacher_variables = _setup(cnn_teacher)
+    state = step.init_state(setup, 0)
+    batch = sharding.global_batch(_batches(1)[0], setup.mesh)
     images = batch["image"]
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.full_like(v, 10.0) if path[-1].key == "beta" else v,
         state.params["method"])
-    student_out = trainer.student.module.apply(
+    student_out = setup.student.module.apply(
         {"params": state.params["student"], **state.model_state["student"]},
-        trainer.student.normalize(images))
-    plain = trainer._teacher_forward(trainer.teacher_variables, images)
-    runner = trainer._teacher_runner(trainer.teacher_variables, images)
+        setup.student.normalize(images))
+    plain = step.teacher_view(setup, teacher_variables, images)
 
     def run(params):
         captured = {}
 
         def prompted_forward(pre_stage):  # the forward PAT runs, kept for the check
-            captured["out"] = runner["teacher_forward"](pre_stage)
+            captured["out"] = plain.rerun(pre_stage)
             return captured["out"]
 
-        (_, metrics), _ = trainer.method.apply(
-            {"params": params, **state.model_state["method"]}, student_out, plain, batch,
-            train=False, mutable=True, teacher_forward=prompted_forward)
+        (_, metrics), _ = apply_method(
+            setup.method, {"params": params, **state.model_state["method"]}, student_out,
+            plain[:2], batch, train=False, mutable=True, teacher_forward=prompted_forward)
         return metrics, captured["out"][0]
 
     metrics, prompted_logits = jax.jit(run)(params)
@@ -318,16 +338,15 @@ def _kl64(target_logits, logits):
 
 
 def test_pat_distills_end_to_end_and_resumes_with_its_feedback(tmp_path, cnn_teacher):
-    config, _ = _trainer(cnn_teacher, steps=2)
+    config = _config(cnn_teacher, steps=2)
     config.dataset.data_dir = str(tmp_path / "tfds")
     config.checkpoint_every_steps = 1
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert 0.0 <= result["eval/top1"] <= 100.0
-    trainer = train.Trainer(config, num_classes=10, steps_per_epoch=89, total_steps=2,
-                            mesh=sharding.data_mesh())
+    setup, _ = step.build(config, 10, 89, 2, sharding.data_mesh())
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "run"))
-    meta = train.run_metadata(config, 10)
-    restored = {step: ckpt.restore(step, trainer.abstract_state(), meta) for step in (1, 2)}
+    meta = run_config.run_metadata(config, 10)
+    restored = {n: ckpt.restore(n, step.abstract_state(setup), meta) for n in (1, 2)}
     ckpt.close()
     feedback = [r.model_state["method"][distill.PER_EXAMPLE_COLLECTION] for r in
                 restored.values()]

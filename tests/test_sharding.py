@@ -1,11 +1,13 @@
 """FSDP against data parallelism on 8 fake devices, and the multi-process settings."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxkd import checkpoint, recipes, sharding, train
+from jaxkd import checkpoint, recipes, run_config, sharding, step
 from jaxkd.errors import ConfigError
 
 from helpers import random_teacher, tiny_config
@@ -52,15 +54,15 @@ def test_fsdp_and_data_parallel_take_the_same_steps(tmp_path, teacher_dir):
     for strategy in ("data", "fsdp"):
         config = tiny_config("rsd", teacher_checkpoint=teacher_dir, steps=3)
         config.sharding = config.teacher_sharding = strategy
-        trainer = train.Trainer(config, num_classes=10, steps_per_epoch=3, total_steps=3,
-                                mesh=mesh)
-        state = trainer.init_state(0)
+        setup, teacher_variables = step.build(config, 10, 3, 3, mesh)
+        state = step.init_state(setup, 0)
+        train_step = step.jit_train_step(setup)
         losses[strategy] = []
         for batch in batches:
-            state, metrics = trainer.train_step(state, trainer.teacher_variables,
-                                                sharding.global_batch(batch, mesh))
+            state, metrics = train_step(state, teacher_variables,
+                                        sharding.global_batch(batch, mesh))
             losses[strategy].append(float(metrics["train/loss"]))
-        states[strategy], trainers[strategy] = state, trainer
+        states[strategy], trainers[strategy] = state, (setup, teacher_variables, config)
     np.testing.assert_allclose(losses["fsdp"], losses["data"], rtol=1e-6)
     fsdp, data = states["fsdp"], states["data"]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
@@ -75,24 +77,23 @@ def test_fsdp_and_data_parallel_take_the_same_steps(tmp_path, teacher_dir):
     sharded_part = (_per_device_bytes((fsdp.params, fsdp.opt_state)) /
                     _per_device_bytes((data.params, data.opt_state)))
     assert sharded_part < 0.25, sharded_part
-    assert _per_device_bytes(trainers["fsdp"].teacher_variables) < 0.25 * _per_device_bytes(
-        trainers["data"].teacher_variables)
+    assert _per_device_bytes(trainers["fsdp"][1]) < 0.25 * _per_device_bytes(
+        trainers["data"][1])
 
     # The evaluation step takes the sharded parameters as they are.
     eval_batch = {**batches[0], "mask": np.ones(16, np.float32)}
-    counts = {s: trainers[s].eval_step(states[s].params["student"],
-                                       states[s].model_state["student"],
-                                       sharding.global_batch(eval_batch, mesh))
-              for s in ("data", "fsdp")}
+    counts = {s: jax.jit(functools.partial(step.eval_step, trainers[s][0]))(
+        states[s].params["student"], states[s].model_state["student"],
+        sharding.global_batch(eval_batch, mesh)) for s in ("data", "fsdp")}
     assert float(counts["fsdp"]["top1"]) == float(counts["data"]["top1"])
 
     # Checkpoints round-trip onto the FSDP shardings, and a data-parallel checkpoint resumes
     # as FSDP (the strategy may change between runs).
-    meta = train.run_metadata(trainers["fsdp"].config)
+    meta = run_config.run_metadata(trainers["fsdp"][2])
     for strategy in ("fsdp", "data"):
         ckpt = checkpoint.TrainCheckpointer(str(tmp_path / strategy))
         ckpt.save(3, states[strategy], meta)
-        restored = ckpt.restore(3, trainers["fsdp"].abstract_state(), meta)
+        restored = ckpt.restore(3, step.abstract_state(trainers["fsdp"][0]), meta)
         ckpt.close()
         _assert_trees_equal(restored, states[strategy])
         jax.tree.map(lambda x, y: np.testing.assert_equal(x.sharding, y.sharding),

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxkd import sharding, train
+from jaxkd import distill, sharding, step, train
 from jaxkd.errors import CheckpointError, ConfigError
 from jaxkd.metric_writer import read_metrics
 
@@ -53,29 +53,28 @@ def test_one_method_end_to_end(tmp_path, digits_dir, teacher_dir, method):
 def test_teacher_gets_no_gradient_and_stays_fixed(tmp_path, digits_dir, teacher_dir):
     config = tiny_config("rsd", data_dir=digits_dir, teacher_checkpoint=teacher_dir)
     mesh = sharding.data_mesh()
-    trainer = train.Trainer(config, num_classes=10, steps_per_epoch=10, total_steps=10,
-                            mesh=mesh)
-    state = trainer.init_state(0)
+    setup, teacher_variables = step.build(config, 10, 10, 10, mesh)
+    state = step.init_state(setup, 0)
     images = np.random.RandomState(0).rand(16, 16, 16, 3).astype(np.float32)
     batch = sharding.global_batch({"image": images, "label": np.arange(16, dtype=np.int32) % 10,
                                    "index": np.arange(16, dtype=np.int32)}, mesh)
 
     def loss_wrt_teacher(teacher_variables):
-        teacher_out = trainer._teacher_forward(teacher_variables, batch["image"])
-        student_out = trainer.student.module.apply(
-            {"params": state.params["student"]}, trainer.student.normalize(batch["image"]))
-        (loss, _), _ = trainer.method.apply(
+        teacher = step.teacher_view(setup, teacher_variables, batch["image"])
+        student = setup.student.module.apply(
+            {"params": state.params["student"]}, setup.student.normalize(batch["image"]))
+        terms, _ = setup.method.apply(
             {"params": state.params["method"], **state.model_state["method"]},
-            student_out, teacher_out, batch, train=True, mutable=["batch_stats"])
-        return loss
+            distill.Outputs(*student), teacher, batch, train=True, mutable=["batch_stats"])
+        return distill.total_loss(terms)[0]
 
-    grads = jax.grad(loss_wrt_teacher)(trainer.teacher_variables)
+    grads = jax.grad(loss_wrt_teacher)(teacher_variables)
     assert all(float(np.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
-    before = jax.tree.map(np.array, trainer.teacher_variables)
-    state, metrics = trainer.train_step(state, trainer.teacher_variables, batch)
+    before = jax.tree.map(np.array, teacher_variables)
+    state, metrics = step.jit_train_step(setup)(state, teacher_variables, batch)
     assert np.isfinite(float(metrics["train/loss"]))
     jax.tree.map(np.testing.assert_array_equal, before,
-                 jax.tree.map(np.array, trainer.teacher_variables))
+                 jax.tree.map(np.array, teacher_variables))
 
 
 def _mesh(n):
@@ -106,11 +105,10 @@ def test_rsd_grouped_statistics_do_not_depend_on_the_device_count(digits_dir, te
              "index": np.arange(16, dtype=np.int32)}
     metrics = {}
     for n in (1, 8):
-        trainer = train.Trainer(config, num_classes=10, steps_per_epoch=4, total_steps=4,
-                                mesh=_mesh(n))
-        state = trainer.init_state(0)
-        _, metrics[n] = trainer.train_step(state, trainer.teacher_variables,
-                                           sharding.global_batch(batch, _mesh(n)))
+        setup, teacher_variables = step.build(config, 10, 4, 4, _mesh(n))
+        state = step.init_state(setup, 0)
+        _, metrics[n] = step.jit_train_step(setup)(state, teacher_variables,
+                                                   sharding.global_batch(batch, _mesh(n)))
     for key in ("train/loss", "train/rsd", "train/grad_norm"):
         np.testing.assert_allclose(metrics[1][key], metrics[8][key], rtol=2e-5, err_msg=key)
 
@@ -247,3 +245,21 @@ def test_converted_timm_checkpoint_serves_as_teacher(tmp_path, digits_dir):
     assert total == 360
     np.testing.assert_allclose(teacher_eval[0]["eval/teacher_top1"], 100.0 * correct / total,
                                rtol=1e-6)
+
+
+def test_teacher_near_chance_is_reported_and_min_top1_stops_the_run(tmp_path, digits_dir,
+                                                                    teacher_dir, caplog):
+    # A randomly initialised teacher scores about chance (10%) on the digits.
+    config = tiny_config("kd", data_dir=digits_dir, teacher_checkpoint=teacher_dir, steps=1)
+    with caplog.at_level("WARNING", logger="jaxkd"):
+        result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["eval/teacher_top1"] < 20.0
+    assert "TEACHER NEAR CHANCE" in caplog.text and "normalised differently" in caplog.text
+    # Every result states what it was distilled from: the export names the teacher.
+    with open(tmp_path / "run" / "export" / "model.json") as f:
+        meta = json.load(f)
+    assert (meta["teacher"], meta["teacher_checkpoint"]) == (VIT, teacher_dir)
+    np.testing.assert_allclose(meta["teacher_top1"], result["eval/teacher_top1"])
+    config.teacher.min_top1 = 50.0
+    with pytest.raises(ConfigError, match="below config.teacher.min_top1 = 50%"):
+        train.train_and_evaluate(config, str(tmp_path / "refused"))

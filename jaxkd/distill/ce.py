@@ -1,20 +1,10 @@
 """Supervised training without a teacher: from-scratch baselines and teacher training."""
 
-import flax.linen as nn
-
-from jaxkd.distill.base import register_method, supervised_loss
+from jaxkd.distill.base import Method, Term, register_method
 
 
-class CrossEntropy(nn.Module):
-    label_smoothing: float = 0.0
-
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
-        del teacher_out, train
-        ce = supervised_loss(student_out[0], batch["label"], self.label_smoothing)
-        return ce, {"ce": ce}
-
-
-@register_method("ce", uses_teacher=False)
-def build(config, student, teacher, ctx):
-    del config, student, teacher
-    return CrossEntropy(label_smoothing=ctx.label_smoothing)
+@register_method("ce", teacher="none")
+class CrossEntropy(Method):
+    def __call__(self, student, teacher, batch, *, train: bool):
+        del teacher, train
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"]))}

@@ -2,8 +2,11 @@
 
 Both embeddings go through a Linear to 128-d and L2 normalisation. Two memory banks hold a
 128-d vector per train example (student and teacher side), initialised uniform in
-+-1/sqrt(128/3). Each step draws 16384 negatives per example uniformly over the train set
-(rng 'dropout'); the example's own row (`batch['index']`) is the positive. Scores
++-1/sqrt(128/3). Each step draws 16384 negatives per example (rng 'dropout'), with
+replacement, from the train examples of OTHER classes, as the official CIFAR/ImageNet data
+loaders (`is_sample=True`); `negatives="uniform"` draws them from the whole train set instead
+(RepDistiller's sampler without labels). The example's own row (`batch['index']`) is the
+positive. Scores
 `exp(<bank row, anchor> / T) / Z` use the teacher bank with the student anchor and the student
 bank with the teacher anchor; each Z is fixed at the first training step to
 `mean(exp scores) * N`, as the official code. The NCE loss of both sides is summed:
@@ -11,11 +14,9 @@ bank with the teacher anchor; each Z is fixed at the first training step to
 `normalize(momentum * row + (1 - momentum) * anchor)`.
 
 The banks and the Z constants form the non-trainable collection 'memory' (carried in the
-train state and checkpointed). Differences from the official code: negatives are drawn
-uniformly (RepDistiller's sampler without a data-loader index), while its CIFAR/ImageNet data
-loaders draw them from other classes only, which needs every example's label up front; a
-uniform draw hits the anchor's class with probability 1/num_classes. Banks and Z are global
-(one copy updated with the whole batch), not per-GPU.
+train state and checkpointed), with the train split's labels grouped by class for the
+other-class draw (computed on device, no host round trip). Difference from the official code:
+banks and Z are global (one copy updated with the whole batch), not per-GPU.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxkd.distill.base import register_method, supervised_loss
+from jaxkd.distill.base import Method, Term, derived, register_method
 from jaxkd.errors import ConfigError
 from jaxkd.models.resnet import torch_linear_init
 
@@ -62,8 +64,36 @@ class Embed(nn.Module):
         return _l2_normalize(x)
 
 
+NEGATIVES = ("other_class", "uniform")
+
+
+def class_groups(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The train labels laid out for other-class draws: `order` (example indices sorted by
+    class), `start` and `count` (each class's slice of `order`) and `label` (per example)."""
+    labels = np.asarray(labels, np.int64)
+    count = np.bincount(labels, minlength=int(labels.max()) + 1)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    return {"order": np.argsort(labels, kind="stable").astype(np.int32),
+            "start": start.astype(np.int32), "count": count.astype(np.int32),
+            "label": labels.astype(np.int32)}
+
+
+def other_class_draw(rng, groups, index, num_negatives: int):
+    """[B, K] example indices drawn uniformly, with replacement, among the examples whose
+    class differs from example `index[b]`'s: a uniform position in `order` with the anchor's
+    class slice cut out."""
+    label = groups["label"][index]
+    start, count = groups["start"][label][:, None], groups["count"][label][:, None]
+    num_data = groups["order"].shape[0]
+    position = jax.random.randint(rng, (index.shape[0], num_negatives), 0, num_data - count,
+                                  dtype=jnp.int32)
+    position = jnp.where(position >= start, position + count, position)
+    return groups["order"][position]
+
+
 class ContrastIndices(nn.Module):
-    """[B, 1 + K] bank rows to score: the example's own index, then K uniform negatives.
+    """[B, 1 + K] bank rows to score: the example's own index, then K negatives (other
+    classes, or uniform when `groups` is None).
 
     Outside training (no 'dropout' rng is needed there) the negatives are a fixed draw.
     """
@@ -71,27 +101,61 @@ class ContrastIndices(nn.Module):
     num_data: int
     num_negatives: int
 
-    def __call__(self, index, *, train: bool):
+    def __call__(self, index, groups, *, train: bool):
         rng = self.make_rng("dropout") if train else jax.random.PRNGKey(0)
-        negatives = jax.random.randint(rng, (index.shape[0], self.num_negatives), 0,
-                                       self.num_data, dtype=jnp.int32)
-        return jnp.concatenate([index.astype(jnp.int32)[:, None], negatives], axis=1)
+        index = index.astype(jnp.int32)
+        if groups is None:
+            negatives = jax.random.randint(rng, (index.shape[0], self.num_negatives), 0,
+                                           self.num_data, dtype=jnp.int32)
+        else:
+            negatives = other_class_draw(rng, groups, index, self.num_negatives)
+        return jnp.concatenate([index[:, None], negatives], axis=1)
 
 
-class CRD(nn.Module):
-    num_data: int
+@register_method("crd", train_labels=True)
+class CRD(Method):
     feat_dim: int = 128
     num_negatives: int = 16384
     temperature: float = 0.07
     momentum: float = 0.5
     kd_weight: float = 0.8
-    label_smoothing: float = 0.0
+    negatives: str = "other_class"  # NEGATIVES
+    num_data: int = derived()
+    # class_groups() of the train labels, for negatives="other_class"
+    groups: dict = derived()
+
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        if config["negatives"] not in NEGATIVES:
+            raise ConfigError(f"crd negatives must be one of {NEGATIVES}, got "
+                              f"{config['negatives']!r}")
+        if ctx.num_train_examples < 1:
+            raise ConfigError("CRD keeps a memory bank row per train example: the trainer must "
+                              "pass MethodContext.num_train_examples")
+        groups = None
+        if config["negatives"] == "other_class":
+            if ctx.train_labels is None or len(ctx.train_labels) != ctx.num_train_examples:
+                raise ConfigError("CRD's other-class negatives need the label of every train "
+                                  "example (MethodContext.train_labels)")
+            groups = class_groups(ctx.train_labels)
+            if int(groups["count"].max()) == ctx.num_train_examples:
+                raise ConfigError("CRD's other-class negatives need at least two classes in "
+                                  "the train split")
+        return {**super().derive(config, student, teacher, ctx),
+                "num_data": ctx.num_train_examples, "groups": groups}
 
     def _bank(self, name):
         bound = 1.0 / math.sqrt(self.feat_dim / 3)
         shape = (self.num_data, self.feat_dim)
         return self.variable("memory", name, lambda: jax.random.uniform(
             self.make_rng("params"), shape, jnp.float32, -bound, bound))
+
+    def _class_groups(self):
+        """The class layout as constants of the 'memory' collection (state, not program)."""
+        if self.groups is None:
+            return None
+        return {key: self.variable("memory", f"class_{key}", lambda v=value: jnp.asarray(v)
+                                   ).value for key, value in self.groups.items()}
 
     def _scores(self, bank, rows, anchor, z):
         """exp(<bank[rows], anchor> / T) / Z; Z set from these scores while still unset."""
@@ -108,15 +172,15 @@ class CRD(nn.Module):
         bank.value = bank.value.at[index].set(_l2_normalize(rows))
 
     @nn.compact
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
-        f_s = Embed(self.feat_dim, name="embed_student")(student_out[1]["embedding"])
-        f_t = Embed(self.feat_dim, name="embed_teacher")(teacher_out[1]["embedding"])
+    def __call__(self, student, teacher, batch, *, train: bool):
+        f_s = Embed(self.feat_dim, name="embed_student")(student.features["embedding"])
+        f_t = Embed(self.feat_dim, name="embed_teacher")(teacher.features["embedding"])
         bank_s, bank_t = self._bank("student"), self._bank("teacher")
         z_s = self.variable("memory", "z_student", lambda: jnp.float32(-1.0))
         z_t = self.variable("memory", "z_teacher", lambda: jnp.float32(-1.0))
         index = batch["index"].astype(jnp.int32)
         rows = ContrastIndices(self.num_data, self.num_negatives, name="negatives")(
-            index, train=train)
+            index, self._class_groups(), train=train)
         scores_s, z_s_value = self._scores(bank_t, rows, f_s, z_s)  # student anchor
         scores_t, z_t_value = self._scores(bank_s, rows, f_t, z_t)  # teacher anchor
         nce_s, nce_t = nce_loss(scores_s, self.num_data), nce_loss(scores_t, self.num_data)
@@ -124,20 +188,6 @@ class CRD(nn.Module):
             z_s.value, z_t.value = z_s_value, z_t_value
             self._update(bank_s, index, f_s)
             self._update(bank_t, index, f_t)
-        crd = nce_s + nce_t
-        ce = supervised_loss(student_out[0], batch["label"], self.label_smoothing)
-        return ce + self.kd_weight * crd, {"ce": ce, "crd": crd, "crd_student": nce_s,
-                                           "crd_teacher": nce_t}
-
-
-@register_method("crd", defaults={"feat_dim": 128, "num_negatives": 16384, "temperature": 0.07,
-                                  "momentum": 0.5, "kd_weight": 0.8})
-def build(config, student, teacher, ctx):
-    del student, teacher
-    if ctx.num_train_examples < 1:
-        raise ConfigError("CRD keeps a memory bank row per train example: the trainer must "
-                          "pass MethodContext.num_train_examples")
-    return CRD(num_data=ctx.num_train_examples, feat_dim=config.feat_dim,
-               num_negatives=config.num_negatives, temperature=config.temperature,
-               momentum=config.momentum, kd_weight=config.kd_weight,
-               label_smoothing=ctx.label_smoothing)
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
+                "crd": Term(self.kd_weight, nce_s + nce_t),
+                "crd_student": Term(None, nce_s), "crd_teacher": Term(None, nce_t)}

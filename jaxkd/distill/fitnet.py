@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.distill.base import register_method, supervised_loss
+from jaxkd.distill.base import Method, Term, derived, register_method
 from jaxkd.distill.ofa import token_layout
 from jaxkd.errors import ConfigError
 
@@ -77,37 +77,37 @@ def stage_alignment(student_shape, teacher_shape) -> tuple[int, int, int, int]:
     return s_prefix, t_prefix, t_grid, teacher_shape[-1]
 
 
-class FitNet(nn.Module):
-    stages: tuple[int, ...]
-    alignments: tuple[tuple[int, int, int, int], ...]  # stage_alignment() of each stage
+@register_method("fitnet")
+class FitNet(Method):
+    stages: tuple[int, ...] = (1, 2, 3, 4)
     fitnet_weight: float = 0.1
-    label_smoothing: float = 0.0
+    alignments: tuple[tuple[int, int, int, int], ...] = derived()  # stage_alignment() each
+
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        stages = tuple(int(s) for s in config["stages"])
+        if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3, 4}:
+            raise ConfigError(f"FitNet stages must be distinct values in 1-4, got {stages}")
+        for spec in (student, teacher):
+            if len(spec.stage_shapes) != 4:
+                raise ConfigError(f"model {spec.name!r} has {len(spec.stage_shapes)} stage "
+                                  "features; FitNet needs 4")
+        return {**super().derive(config, student, teacher, ctx),
+                "alignments": tuple(stage_alignment(student.stage_shapes[s - 1],
+                                                    teacher.stage_shapes[s - 1])
+                                    for s in stages)}
 
     @nn.compact
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
+    def __call__(self, student, teacher, batch, *, train: bool):
         del train
         parts = {}
         for stage, (s_prefix, t_prefix, t_grid, t_channels) in zip(self.stages,
                                                                    self.alignments):
-            student = as_grid(student_out[1]["stages"][stage - 1], s_prefix).astype(jnp.float32)
-            aligned = GridAdapter(t_grid, t_channels, name=f"stage{stage}")(student)
-            teacher = as_grid(teacher_out[1]["stages"][stage - 1], t_prefix)
-            parts[f"fitnet_stage{stage}"] = losses.mse_loss(aligned, teacher)
-        fitnet = sum(parts.values())
-        ce = supervised_loss(student_out[0], batch["label"], self.label_smoothing)
-        return ce + self.fitnet_weight * fitnet, {"ce": ce, "fitnet": fitnet, **parts}
-
-
-@register_method("fitnet", defaults={"stages": (1, 2, 3, 4), "fitnet_weight": 0.1})
-def build(config, student, teacher, ctx):
-    stages = tuple(int(s) for s in config.stages)
-    if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3, 4}:
-        raise ConfigError(f"FitNet stages must be distinct values in 1-4, got {stages}")
-    for spec in (student, teacher):
-        if len(spec.stage_shapes) != 4:
-            raise ConfigError(f"model {spec.name!r} has {len(spec.stage_shapes)} stage "
-                              "features; FitNet needs 4")
-    alignments = tuple(stage_alignment(student.stage_shapes[s - 1], teacher.stage_shapes[s - 1])
-                       for s in stages)
-    return FitNet(stages, alignments, fitnet_weight=config.fitnet_weight,
-                  label_smoothing=ctx.label_smoothing)
+            feature = as_grid(student.features["stages"][stage - 1], s_prefix)
+            aligned = GridAdapter(t_grid, t_channels, name=f"stage{stage}")(
+                feature.astype(jnp.float32))
+            target = as_grid(teacher.features["stages"][stage - 1], t_prefix)
+            parts[f"fitnet_stage{stage}"] = losses.mse_loss(aligned, target)
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
+                "fitnet": Term(self.fitnet_weight, sum(parts.values())),
+                **{name: Term(None, value) for name, value in parts.items()}}

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.distill.base import ModelSpec, register_method, supervised_loss
+from jaxkd.distill.base import Method, ModelSpec, Term, derived, register_method
 from jaxkd.errors import ConfigError
 from jaxkd.models.resnet import batch_norm, conv2d, torch_linear_init
 from jaxkd.models.vit import Attention, Mlp, layer_norm
@@ -178,12 +178,12 @@ class OFABranches(nn.Module):
         logits = []
         for stage in self.stages:
             shape = self.student.stage_shapes[stage - 1]
-            if self.student.family == "cnn":
-                branch = CNNBranch(stage, max(self.student.embed_dim, self.teacher_dim),
-                                   self.student.num_classes, name=f"stage{stage}")
-            else:
+            if self.student.token_stages:
                 branch = TokenBranch(stage, self.student.embed_dim, self.student.num_classes,
                                      token_layout(shape)[0], name=f"stage{stage}")
+            else:
+                branch = CNNBranch(stage, max(self.student.embed_dim, self.teacher_dim),
+                                   self.student.num_classes, name=f"stage{stage}")
             feature = stage_features[stage - 1].astype(jnp.float32)
             logits.append(branch(feature, train=train))
         return logits
@@ -210,10 +210,10 @@ def check_branch_config(student: ModelSpec, stages, eps: float, branch_eps
                           "features; OFA branches need 4")
     for stage in stages:
         shape = student.stage_shapes[stage - 1]
-        if student.family == "cnn" and len(shape) != 3:
+        if not student.token_stages and len(shape) != 3:
             raise ConfigError(f"CNN student {student.name!r} stage {stage} is {shape}, not a "
                               "(H, W, C) map")
-    if student.family != "cnn" and student.embed_dim % BRANCH_HEADS:
+    if student.token_stages and student.embed_dim % BRANCH_HEADS:
         raise ConfigError(f"token branches use {BRANCH_HEADS} heads: student width "
                           f"{student.embed_dim} is not divisible by {BRANCH_HEADS}")
     branch_eps = tuple(float(e) for e in branch_eps) or (float(eps),) * len(stages)
@@ -223,35 +223,40 @@ def check_branch_config(student: ModelSpec, stages, eps: float, branch_eps
     return tuple(zip(stages, branch_eps))
 
 
-class OFA(nn.Module):
+def derive_branches(config, student: ModelSpec, teacher: ModelSpec) -> dict:
+    """The `branches` and `branch_gammas` fields of a method with exit branches, from its
+    `stages`, `eps` and `branch_eps` config fields."""
+    gammas = check_branch_config(student, config["stages"], config["eps"], config["branch_eps"])
+    return {"branches": OFABranches(student, teacher.embed_dim, tuple(s for s, _ in gammas)),
+            "branch_gammas": gammas}
+
+
+@register_method("ofa")
+class OFA(Method):
     """CE + kd_weight * OFA(final logits, eps) + ofa_weight * sum_k OFA(branch_k, gamma_k)."""
 
-    branches: OFABranches
+    stages: tuple[int, ...] = (1, 2, 3, 4)
     eps: float = 1.0
-    branch_gammas: tuple[tuple[int, float], ...] = ()  # ((stage, gamma), ...)
+    branch_eps: tuple[float, ...] = ()
     kd_weight: float = 1.0
     ofa_weight: float = 1.0
     temperature: float = 1.0
-    label_smoothing: float = 0.0
+    branches: OFABranches = derived()
+    branch_gammas: tuple[tuple[int, float], ...] = derived()
 
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
-        logits, features = student_out
-        teacher_logits, labels = teacher_out[0], batch["label"]
-        ce = supervised_loss(logits, labels, self.label_smoothing)
-        kd = losses.ofa_loss(logits, teacher_logits, labels, eps=self.eps,
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        return {**super().derive(config, student, teacher, ctx),
+                **derive_branches(config, student, teacher)}
+
+    def __call__(self, student, teacher, batch, *, train: bool):
+        labels = batch["label"]
+        kd = losses.ofa_loss(student.logits, teacher.logits, labels, eps=self.eps,
                              temperature=self.temperature)
-        branch_logits = self.branches(features["stages"], train=train)
-        ofa, parts = branch_losses(branch_logits, teacher_logits, labels, self.branch_gammas,
+        branch_logits = self.branches(student.features["stages"], train=train)
+        ofa, parts = branch_losses(branch_logits, teacher.logits, labels, self.branch_gammas,
                                    self.temperature)
-        loss = ce + self.kd_weight * kd + self.ofa_weight * ofa
-        return loss, {"ce": ce, "kd": kd, "ofa": ofa, **parts}
-
-
-@register_method("ofa", defaults={"stages": (1, 2, 3, 4), "eps": 1.0, "branch_eps": (),
-                                  "kd_weight": 1.0, "ofa_weight": 1.0, "temperature": 1.0})
-def build(config, student, teacher, ctx):
-    gammas = check_branch_config(student, config.stages, config.eps, config.branch_eps)
-    branches = OFABranches(student, teacher.embed_dim, tuple(s for s, _ in gammas))
-    return OFA(branches, eps=config.eps, branch_gammas=gammas, kd_weight=config.kd_weight,
-               ofa_weight=config.ofa_weight, temperature=config.temperature,
-               label_smoothing=ctx.label_smoothing)
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, labels)),
+                "kd": Term(self.kd_weight, kd),
+                "ofa": Term(self.ofa_weight, ofa),
+                **{name: Term(None, value) for name, value in parts.items()}}

@@ -10,9 +10,10 @@ Total (all weights 1, REFERENCE.md section 1):
   then a patch-embedding conv with kernel = stride = ceil(H / 4)); the 64 tokens go through one
   pre-LN self-attention layer (8 heads, sinusoidal position encoding added to q and k per
   token, no output projection) and are split back per stage. An aligner maps each stage's 16
-  tokens to the teacher stage's shape: a map teacher (CNN, Swin) gets a 4 x 4 grid, nearest
-  upsampled, BN, 1 x 1 conv; a token teacher gets BN over tokens + Linear(512 -> D_t), then BN
-  over channels + Linear over tokens (16 -> L_t).
+  tokens to the teacher stage's shape: a CNN teacher gets a 4 x 4 grid, nearest upsampled,
+  BN, 1 x 1 conv; a token teacher (ViT, MLPs, and Swin, whose stages the official code treats
+  as tokens) gets BN over tokens + Linear(512 -> D_t), then BN over channels + Linear over
+  tokens (16 -> L_t).
 * AFP: a prompt block at the input of every teacher stage (the models' `pre_stage` hook). It
   fuses the stage input with the previous step's feedback (aligned student - prompted teacher
   of that stage, detached, resized to the input's grid, BN + 1 x 1 conv when the shapes
@@ -28,8 +29,9 @@ Total (all weights 1, REFERENCE.md section 1):
 The official code's bugs are not copied: the position encoding is indexed by token (the code
 indexed it by batch element), a ViT's class token is kept out of the prompt (the code dropped
 the last patch token instead), and the squeeze-and-excitation block scales its input by its
-gate (the code returned the gate alone). Swin's prompts sit at our stage input, before the
-stage's patch merging (timm >= 0.9 layout; in timm 0.6.5 they came after it).
+gate (the code returned the gate alone, which produced the published numbers:
+`se_gate_only=True` reproduces it). A Swin teacher is prompted where the official code
+prompts it, before the first block of each stage, after that stage's patch merging.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
-from jaxkd.distill.base import (PER_EXAMPLE_COLLECTION, ModelSpec, register_method,
-                                supervised_loss)
+from jaxkd.distill.base import PER_EXAMPLE_COLLECTION, Method, Term, derived, register_method
 from jaxkd.distill.ofa import token_layout
 from jaxkd.models.resnet import batch_norm, conv2d
 
@@ -176,18 +177,24 @@ class TokenAligner(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """x * sigmoid(conv(relu(conv(mean_hw x)))): the gate applied, unlike the official code."""
+    """x * sigmoid(conv(relu(conv(mean_hw x)))): the gate applied, unlike the official code;
+    `gate_only` returns the gate alone, broadcast over space, as the official code does."""
+
+    gate_only: bool = False
 
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
         gate = jnp.mean(x, axis=(1, 2), keepdims=True)
         gate = nn.relu(_conv(max(channels // SE_RATIO, 1), 1, "compress")(gate))
-        return x * jax.nn.sigmoid(_conv(channels, 1, "excitation")(gate))
+        gate = jax.nn.sigmoid(_conv(channels, 1, "excitation")(gate))
+        return jnp.broadcast_to(gate, x.shape) if self.gate_only else x * gate
 
 
 class PromptBlock(nn.Module):
     """AFP before one teacher stage: `x + beta * prompt(fuse(x, feedback))` on the grid."""
+
+    se_gate_only: bool = False
 
     @nn.compact
     def __call__(self, grid, feedback, has_feedback, *, train: bool):
@@ -201,52 +208,61 @@ class PromptBlock(nn.Module):
         fused = jnp.concatenate([grid, feedback.astype(grid.dtype)], axis=-1)
         for i, kernel in enumerate((1, 5, 1)):
             fused = _conv(channels, kernel, f"fusion_{i}")(fused)
-        fused = _conv(channels, 1, "fusion_3")(SqueezeExcite(name="fusion_se")(fused))
+        fused = _conv(channels, 1, "fusion_3")(SqueezeExcite(self.se_gate_only, name="fusion_se")(fused))
         mask = has_feedback.reshape(-1, 1, 1, 1).astype(grid.dtype)
         x = mask * fused + (1 - mask) * grid  # no feedback before the first step
         x = _conv(channels, 1, "prompt_0", groups=PROMPT_GROUPS)(x)
         x = _conv(channels, 5, "prompt_1", groups=channels)(x)
         x = _conv(channels, 1, "prompt_2")(x)
-        x = _conv(channels, 1, "prompt_3", groups=PROMPT_GROUPS)(SqueezeExcite(name="prompt_se")(x))
+        x = _conv(channels, 1, "prompt_3", groups=PROMPT_GROUPS)(SqueezeExcite(self.se_gate_only, name="prompt_se")(x))
         beta = self.param("beta", nn.initializers.zeros, (), jnp.float32)
         return (grid + beta * x).astype(grid.dtype)
 
 
-class PAT(nn.Module):
-    teacher_stage_shapes: tuple[tuple[int, ...], ...]
+@register_method("pat", teacher="rerun", per_example=True)
+class PAT(Method):
     temperature: float = 1.0
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     hcl_weight: float = 1.0
     prompt_reg_weight: float = 1.0
-    label_smoothing: float = 0.0
+    # True: the prompt blocks' squeeze-and-excitation returns its gate alone (the official
+    # code's behaviour, which produced the published numbers); False: x * gate.
+    se_gate_only: bool = False
+    teacher_stage_shapes: tuple[tuple[int, ...], ...] = derived()
+    teacher_token_stages: bool = derived()
+
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        return {**super().derive(config, student, teacher, ctx),
+                "teacher_stage_shapes": teacher.stage_shapes,
+                "teacher_token_stages": teacher.token_stages}
 
     @nn.compact
-    def __call__(self, student_out, teacher_out, batch, *, train: bool, teacher_forward):
-        s_logits, s_features = student_out
-        t_logits = teacher_out[0]
+    def __call__(self, student, teacher, batch, *, train: bool):
         num_stages = len(self.teacher_stage_shapes)
         blended = RegionAwareAttention(num_stages, name="raa")(
-            [split_grid(f)[1] for f in s_features["stages"]])
+            [split_grid(f)[1] for f in student.features["stages"]])
 
-        batch_size = s_logits.shape[0]
+        batch_size = student.logits.shape[0]
         feedback = [self.variable(PER_EXAMPLE_COLLECTION, f"feedback_{i}", jnp.zeros,
                                   (batch_size, *_grid_shape(shape)), jnp.float32)
                     for i, shape in enumerate(self.teacher_stage_shapes)]
         has_feedback = self.variable(PER_EXAMPLE_COLLECTION, "has_feedback", jnp.zeros,
                                      (batch_size,), jnp.float32)
-        prompts = [PromptBlock(name=f"prompt_{i}") for i in range(num_stages)]
+        prompts = [PromptBlock(self.se_gate_only, name=f"prompt_{i}") for i in range(num_stages)]
 
         def pre_stage(i, x):
             prefix, grid = split_grid(x)
             prompted = prompts[i](grid, feedback[i].value, has_feedback.value, train=train)
             return join_grid(prefix, prompted, x)
 
-        p_logits, p_features = teacher_forward(pre_stage)
+        p_logits, p_features = teacher.rerun(pre_stage)
         hcl_terms, differences = [], []
         for i, shape in enumerate(self.teacher_stage_shapes):
-            aligner = (MapAligner(shape, name=f"align_{i}") if len(shape) == 3 else
-                       TokenAligner((math.isqrt(shape[0]) ** 2, shape[1]), name=f"align_{i}"))
+            height, width, channels = _grid_shape(shape)
+            aligner = (TokenAligner((height * width, channels), name=f"align_{i}")
+                       if self.teacher_token_stages else MapAligner(shape, name=f"align_{i}"))
             aligned = split_grid(aligner(blended[i], train=train))[1]
             target = split_grid(p_features["stages"][i])[1]
             hcl_terms.append(losses.hcl_loss(aligned, target))
@@ -256,15 +272,14 @@ class PAT(nn.Module):
                 variable.value = difference
             has_feedback.value = jnp.ones_like(has_feedback.value)
 
-        ce = supervised_loss(s_logits, batch["label"], self.label_smoothing)
-        kd = losses.kd_loss(s_logits, t_logits, temperature=self.temperature)
-        hcl = sum(hcl_terms)
-        prompt_reg = losses.kd_loss(p_logits, t_logits)
-        loss = (self.ce_weight * ce + self.kd_weight * kd + self.hcl_weight * hcl +
-                self.prompt_reg_weight * prompt_reg)
-        metrics = {"ce": ce, "kd": kd, "hcl": hcl, "prompt_reg": prompt_reg}
-        metrics.update({f"hcl_stage{i + 1}": h for i, h in enumerate(hcl_terms)})
-        return loss, metrics
+        return {
+            "ce": Term(self.ce_weight, self.supervised_loss(student.logits, batch["label"])),
+            "kd": Term(self.kd_weight, losses.kd_loss(student.logits, teacher.logits,
+                                                      temperature=self.temperature)),
+            "hcl": Term(self.hcl_weight, sum(hcl_terms)),
+            "prompt_reg": Term(self.prompt_reg_weight, losses.kd_loss(p_logits, teacher.logits)),
+            **{f"hcl_stage{i + 1}": Term(None, h) for i, h in enumerate(hcl_terms)},
+        }
 
 
 def _grid_shape(stage_shape) -> tuple[int, int, int]:
@@ -273,15 +288,3 @@ def _grid_shape(stage_shape) -> tuple[int, int, int]:
         return tuple(stage_shape)
     _, side = token_layout(stage_shape)
     return side, side, stage_shape[-1]
-
-
-@register_method("pat", runs_teacher=True,
-                 defaults={"temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0,
-                           "hcl_weight": 1.0, "prompt_reg_weight": 1.0})
-def build(config, student: ModelSpec, teacher: ModelSpec, ctx):
-    del student
-    return PAT(teacher_stage_shapes=teacher.stage_shapes,
-               temperature=config.temperature, ce_weight=config.ce_weight,
-               kd_weight=config.kd_weight, hcl_weight=config.hcl_weight,
-               prompt_reg_weight=config.prompt_reg_weight,
-               label_smoothing=ctx.label_smoothing)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.distill import ofa
-from jaxkd.distill.base import register_method, supervised_loss
+from jaxkd.distill.base import Method, Term, derived, register_method
 from jaxkd.errors import ConfigError
 
 _trunc_normal = nn.initializers.truncated_normal(0.02)
@@ -38,75 +38,76 @@ class AAD(nn.Module):
 _TARGETS = ("embedding", "logits")
 
 
-class RSD(nn.Module):
-    hidden_dim: int
-    teacher_dim: int
+@register_method("rsd")
+class RSD(Method):
+    expansion: float = 2.0
     rsd_weight: float = 0.1
     kappa: float = 0.01
     distance: str = "mse"
     normalize: bool = True
-    stats_groups: int = 1
+    stats_groups: int = 0  # 0: one group per device
     target: str = "embedding"
-    label_smoothing: float = 0.0
+    hidden_dim: int = derived()
+    teacher_dim: int = derived()
+    num_groups: int = derived()  # stats_groups resolved
 
-    @nn.compact
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        target = config["target"]
+        if target not in _TARGETS:
+            raise ConfigError(f"rsd target must be one of {_TARGETS}, got {target!r}")
+        student_dim, teacher_dim = ((student.embed_dim, teacher.embed_dim)
+                                    if target == "embedding"
+                                    else (student.num_classes, teacher.num_classes))
+        stats_groups = config["stats_groups"]
+        return {**super().derive(config, student, teacher, ctx),
+                "hidden_dim": int(round(config["expansion"] * student_dim)),
+                "teacher_dim": teacher_dim,
+                "num_groups": ctx.num_devices if stats_groups == 0 else stats_groups}
+
+    def rsd_term(self, student, teacher, *, train: bool) -> Term:
         student_vector, teacher_vector = (
-            (student_out[1]["embedding"], teacher_out[1]["embedding"])
-            if self.target == "embedding" else (student_out[0], teacher_out[0]))
+            (student.features["embedding"], teacher.features["embedding"])
+            if self.target == "embedding" else (student.logits, teacher.logits))
         projected = AAD(self.hidden_dim, self.teacher_dim, name="aad")(
             student_vector.astype(jnp.float32), train=train)
-        rsd = losses.rsd_loss_grouped(projected, teacher_vector, self.stats_groups,
-                                      kappa=self.kappa, distance=self.distance,
-                                      normalize=self.normalize)
-        ce = supervised_loss(student_out[0], batch["label"], self.label_smoothing)
-        return ce + self.rsd_weight * rsd, {"ce": ce, "rsd": rsd}
+        return Term(self.rsd_weight, losses.rsd_loss_grouped(
+            projected, teacher_vector, self.num_groups, kappa=self.kappa,
+            distance=self.distance, normalize=self.normalize))
+
+    @nn.compact
+    def __call__(self, student, teacher, batch, *, train: bool):
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
+                "rsd": self.rsd_term(student, teacher, train=train)}
 
 
-_RSD_DEFAULTS = {"expansion": 2.0, "rsd_weight": 0.1, "kappa": 0.01, "distance": "mse",
-                 "normalize": True, "stats_groups": 0}
+@register_method("rsd_ofa")
+class RSDWithOFABranches(RSD):
+    """RSD on the embedding plus OFA-KD's exit branches, each against the teacher's logits:
+    `CE + lambda * L_RSD + ofa_weight * sum_k OFA(branch_k)`. `eps` is the branches' gamma
+    (per stage with `branch_eps`); there is no final-logit OFA term."""
 
-
-def _rsd(config, student, teacher, ctx, target):
-    if target not in _TARGETS:
-        raise ConfigError(f"rsd target must be one of {_TARGETS}, got {target!r}")
-    student_dim, teacher_dim = ((student.embed_dim, teacher.embed_dim) if target == "embedding"
-                                else (student.num_classes, teacher.num_classes))
-    return RSD(hidden_dim=int(round(config.expansion * student_dim)), teacher_dim=teacher_dim,
-               rsd_weight=config.rsd_weight, kappa=config.kappa, distance=config.distance,
-               normalize=config.normalize,
-               stats_groups=ctx.num_devices if config.stats_groups == 0 else config.stats_groups,
-               target=target, label_smoothing=ctx.label_smoothing)
-
-
-@register_method("rsd", defaults={**_RSD_DEFAULTS, "target": "embedding"})
-def build(config, student, teacher, ctx):
-    return _rsd(config, student, teacher, ctx, config.target)
-
-
-class RSDWithOFABranches(nn.Module):
-    """RSD on the embedding plus OFA-KD's exit branches, each against the teacher's logits."""
-
-    rsd: RSD
-    branches: ofa.OFABranches
-    branch_gammas: tuple[tuple[int, float], ...]  # ((stage, gamma), ...)
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    eps: float = 1.0
+    branch_eps: tuple[float, ...] = ()
     ofa_weight: float = 1.0
     temperature: float = 1.0
+    branches: ofa.OFABranches = derived()
+    branch_gammas: tuple[tuple[int, float], ...] = derived()
 
-    def __call__(self, student_out, teacher_out, batch, *, train: bool):
-        loss, metrics = self.rsd(student_out, teacher_out, batch, train=train)
-        branch_logits = self.branches(student_out[1]["stages"], train=train)
-        branches, parts = ofa.branch_losses(branch_logits, teacher_out[0], batch["label"],
+    @classmethod
+    def derive(cls, config, student, teacher, ctx):
+        if config["target"] != "embedding":
+            raise ConfigError("rsd_ofa distills the embedding: target must be 'embedding'")
+        return {**super().derive(config, student, teacher, ctx),
+                **ofa.derive_branches(config, student, teacher)}
+
+    @nn.compact
+    def __call__(self, student, teacher, batch, *, train: bool):
+        branch_logits = self.branches(student.features["stages"], train=train)
+        branches, parts = ofa.branch_losses(branch_logits, teacher.logits, batch["label"],
                                             self.branch_gammas, self.temperature)
-        return loss + self.ofa_weight * branches, {**metrics, "ofa": branches, **parts}
-
-
-@register_method("rsd_ofa", defaults={**_RSD_DEFAULTS, "stages": (1, 2, 3, 4), "eps": 1.0,
-                                      "branch_eps": (), "ofa_weight": 1.0, "temperature": 1.0})
-def build_rsd_ofa(config, student, teacher, ctx):
-    """`eps` is the branches' gamma (per stage with `branch_eps`); no final-logit OFA term."""
-    gammas = ofa.check_branch_config(student, config.stages, config.eps, config.branch_eps)
-    branches = ofa.OFABranches(student, teacher.embed_dim, tuple(s for s, _ in gammas))
-    return RSDWithOFABranches(_rsd(config, student, teacher, ctx, "embedding"), branches,
-                              gammas, ofa_weight=config.ofa_weight,
-                              temperature=config.temperature)
+        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
+                "rsd": self.rsd_term(student, teacher, train=train),
+                "ofa": Term(self.ofa_weight, branches),
+                **{name: Term(None, value) for name, value in parts.items()}}

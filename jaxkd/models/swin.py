@@ -10,6 +10,7 @@ whole size without a shift.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -180,9 +181,11 @@ class SwinStage(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, pre_blocks=None):
         if self.downsample:
             x = PatchMerging(self.out_dim, self.dtype, name="downsample")(x)
+        if pre_blocks is not None:
+            x = pre_blocks(x)
         for i in range(self.depth):
             x = SwinBlock(self.out_dim, self.num_heads, self.resolution, self.window,
                           shifted=i % 2 == 1, mlp_ratio=self.mlp_ratio,
@@ -243,14 +246,15 @@ class SwinTransformer(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages = []
         for i, depth in enumerate(self.depths):
-            if pre_stage is not None:
-                x = pre_stage(i, x)
             first = sum(self.depths[:i])
+            # The hook sees the input of the stage's first block, after its patch merging:
+            # where the original (and timm 0.6.5) Swin begins a stage, and PAT prompts it.
+            hook = None if pre_stage is None else functools.partial(pre_stage, i)
             x = SwinStage(self.embed_dim * 2 ** i, depth, self.num_heads[i], resolutions[i],
                           to_2tuple(self.window_size), downsample=i > 0,
                           mlp_ratio=self.mlp_ratio,
                           drop_path_rates=tuple(rates[first:first + depth]), dtype=self.dtype,
-                          name=f"layers_{i}")(x, train)
+                          name=f"layers_{i}")(x, train, hook)
             stages.append(x)
         x = layer_norm(_NORM_EPS, self.dtype, "norm")(x)
         embedding = x.mean(axis=(1, 2))
