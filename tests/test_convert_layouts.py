@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from jaxkd import train
 from jaxkd.checkpoint import load_model
@@ -81,17 +82,24 @@ def test_model_without_converter_is_a_clear_error(monkeypatch):
 
 # ------------------------------------------------------------------ timm 0.6.5 / Microsoft Swin
 
-@pytest.fixture(scope="module")
-def timm065(tmp_path_factory):
-    """Swin checkpoints and outputs written by timm 0.6.5 (tests/timm065_reference.py)."""
+@pytest.fixture(scope="session")
+def timm065(tmp_path_factory, worker_id):
+    """Swin checkpoints and outputs written by timm 0.6.5 (tests/timm065_reference.py), once
+    per test session: the pytest-xdist workers share one directory, under a file lock."""
     if not os.path.isfile(os.path.join(TIMM065, "timm", "__init__.py")):
         pytest.fail(f"timm 0.6.5 is not installed in {TIMM065}: `make venv` installs it there")
-    out = tmp_path_factory.mktemp("timm065")
-    result = subprocess.run(
-        [sys.executable, os.path.join(TESTS, "timm065_reference.py"), str(out)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([TIMM065, REPO])},
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    session_dir = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # each worker's basetemp sits in the session's
+        session_dir = session_dir.parent
+    out = session_dir / "timm065"
+    with FileLock(str(session_dir / "timm065.lock")):
+        if not (out / "version.txt").is_file():
+            out.mkdir(exist_ok=True)
+            result = subprocess.run(
+                [sys.executable, os.path.join(TESTS, "timm065_reference.py"), str(out)],
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([TIMM065, REPO])},
+                capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
     assert (out / "version.txt").read_text() == "0.6.5"
     return out
 

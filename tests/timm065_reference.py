@@ -5,9 +5,10 @@ timm 0.6.5 (made by `make venv`) first: two timm versions cannot share a process
 
     python tests/timm065_reference.py OUT_DIR
 
-writes to OUT_DIR, for each model of SMALL (keyed by its jaxkd name): `<name>.pth` (a perturbed state dict wrapped under
-'model', as the official teachers are saved) and `<name>.npz` (its logits and embedding on
-`images.npy`); `full_swin_tiny.pth`, the full-size Swin-T with a CIFAR-100 head; `version.txt`.
+writes to OUT_DIR, for each model of SMALL (keyed by its jaxkd name), `<name>.pth` (a
+perturbed state dict wrapped under 'model', as the official teachers are saved) and
+`<name>.npz` (its logits and embedding on `images.npy`); `full_swin_tiny.pth`, the full-size
+Swin-T with a CIFAR-100 head; and last `version.txt`, the version of timm that wrote them.
 """
 
 import os
@@ -24,18 +25,16 @@ BATCH, IMAGE_SIZE, NUM_CLASSES = 2, 32, 10
 # images: an 8x8 map under a 4x4 window has shifted windows and a stored attn_mask; the
 # original code needs every map to tile into windows and to halve evenly.
 SMALL = {
-    "swin_tiny_patch4_window7_224": dict(img_size=IMAGE_SIZE, window_size=4, embed_dim=16, depths=(2, 1, 1, 1),
-                      num_heads=(1, 2, 2, 4)),
-    "swin_nano_patch4_window7_224": dict(img_size=IMAGE_SIZE, window_size=4, embed_dim=16, depths=(2, 2, 2, 2),
-                      num_heads=(2, 4, 8, 16)),
+    "swin_tiny_patch4_window7_224": dict(img_size=IMAGE_SIZE, window_size=4, embed_dim=16,
+                                         depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    "swin_nano_patch4_window7_224": dict(img_size=IMAGE_SIZE, window_size=4, embed_dim=16,
+                                         depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)),
 }
 
 
 def main(out_dir: str) -> None:
     timm = import_timm()
     swin = timm.models.swin_transformer.SwinTransformer
-    with open(os.path.join(out_dir, "version.txt"), "w") as f:
-        f.write(timm.__version__)
     images = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE,
                          generator=torch.Generator().manual_seed(1))
     np.save(os.path.join(out_dir, "images.npy"), images.permute(0, 2, 3, 1).numpy())
@@ -49,6 +48,8 @@ def main(out_dir: str) -> None:
                  embedding=embedding.numpy())
     full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=100)
     torch.save(full.state_dict(), os.path.join(out_dir, "full_swin_tiny.pth"))
+    with open(os.path.join(out_dir, "version.txt"), "w") as f:  # last: marks the set complete
+        f.write(timm.__version__)
 
 
 if __name__ == "__main__":
