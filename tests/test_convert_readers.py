@@ -119,20 +119,59 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path, state_dict):
     assert marker.read_text() == "code ran"
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_truncated_file(tmp_path, state_dict, suffix):
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".pth":
+def test_npz_files(tmp_path, state_dict):
+    """Google's parameter files: a Flax tree flattened with '/' by np.savez."""
+    arrays = {f"Transformer/encoderblock_0/{k}": v.numpy() for k, v in state_dict.items()}
+    np.savez(tmp_path / "ViT-B_16.npz", **arrays)
+    read = read_state_dict(tmp_path / "ViT-B_16.npz")
+    assert read.keys() == arrays.keys()
+    for key, value in arrays.items():
+        assert read[key].dtype == value.dtype
+        np.testing.assert_array_equal(read[key], value)
+
+
+def test_npz_pickled_objects_are_refused_and_never_run(tmp_path, state_dict):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.npz"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(str(marker))
+    np.savez(path, weights=state_dict["conv.weight"].numpy(), payload=payload)
+    with pytest.raises(CheckpointReadError, match="arbitrary code"):
+        read_state_dict(path)
+    assert not marker.exists()
+    np.load(path, allow_pickle=True)["payload"]  # The payload is live: unpickling runs it.
+    assert marker.read_text() == "code ran"
+
+
+def test_npz_holding_one_array(tmp_path):
+    path = tmp_path / "array.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(CheckpointReadError, match="not an .npz archive"):
+        read_state_dict(path)
+
+
+def _write(state_dict, path):
+    """`state_dict` saved as its extension says."""
+    if path.suffix == ".pth":
         torch.save(state_dict, path)
+    elif path.suffix == ".npz":
+        np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})
     else:
         save_torch_safetensors(state_dict, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
+def test_truncated_file(tmp_path, state_dict, suffix):
+    path = tmp_path / f"weights{suffix}"
+    _write(state_dict, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointReadError, match="corrupt or truncated"):
         read_state_dict(path)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
 def test_garbage_file(tmp_path, suffix):
     path = tmp_path / f"weights{suffix}"
     path.write_bytes(b"this is not a checkpoint at all" * 4)
@@ -147,8 +186,8 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_extension(tmp_path, state_dict):
-    path = tmp_path / "weights.npz"
-    np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"not read")
     with pytest.raises(CheckpointReadError, match="unknown checkpoint extension"):
         read_state_dict(path)
 

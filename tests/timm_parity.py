@@ -7,18 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from jaxkd.convert.core import ConversionError, abstract_variables, flax_to_timm, timm_to_flax
+from jaxkd.convert.core import (ConversionError, abstract_variables, converter_for, flax_to_timm,
+                                timm_to_flax)
 from jaxkd.models import create_model, model_info
 
 PARITY_TOLERANCE = 1e-4
 
 
 def perturbed(model, seed=0):
-    """The timm model in eval mode with every parameter moved off its (partly zero) init."""
+    """The timm model in eval mode with every parameter moved off its (partly zero) init, and
+    every BatchNorm's running statistics off their 0/1 start."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                norm.running_mean.add_(0.1 * torch.randn(norm.running_mean.shape,
+                                                         generator=generator))
+                norm.running_var.mul_(0.5 + 1.5 * torch.rand(norm.running_var.shape,
+                                                             generator=generator))
     return model.eval()
 
 
@@ -107,9 +115,10 @@ def parameter_count(tree):
 
 
 def assert_registered_like_timm(name, family, converter, pretrained_cfg, torch_model):
-    """Registry entry carries timm's preprocessing; the Flax model has timm's parameter count."""
+    """Registry entry carries timm's preprocessing, the model its family's converter; the Flax
+    model has timm's parameter count."""
     info = model_info(name)
-    assert info.family == family and info.converter == converter
+    assert info.family == family and converter_for(name).name == converter
     assert info.mean == tuple(pretrained_cfg["mean"])
     assert info.std == tuple(pretrained_cfg["std"])
     assert info.input_size == pretrained_cfg["input_size"][-1]

@@ -1,15 +1,13 @@
-"""timm ConvNeXt state-dict layout for jaxkd.models.convnext."""
+"""timm ConvNeXt state-dict layout for jaxkd.models.convnext; Facebook's original release is
+read too (jaxkd.convert.layouts.FB_CONVNEXT)."""
 
 from __future__ import annotations
 
 import re
 
-import numpy as np
-
-from jaxkd.convert.core import ConversionError
+from jaxkd.convert import layouts
+from jaxkd.convert.core import Converter, register_converter
 from jaxkd.convert.resnet import leaf_key
-
-HEAD_PREFIX = ("head",)
 
 # Flax module name -> (timm module name, layout of its kernel if it has one).
 _STEM = {"stem_0": ("stem.0", "conv"), "stem_1": ("stem.1", None),
@@ -18,12 +16,6 @@ _DOWNSAMPLE = re.compile(r"stages_(\d+)_downsample_(\d)")
 _BLOCK = re.compile(r"stages_(\d+)_blocks_(\d+)")
 _BLOCK_PARTS = {"conv_dw": ("conv_dw", "conv"), "norm": ("norm", None),
                 "mlp_fc1": ("mlp.fc1", "linear"), "mlp_fc2": ("mlp.fc2", "linear")}
-
-
-def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
-    if "head.fc.weight" not in state_dict:
-        raise ConversionError("not a timm ConvNeXt state dict: it has no 'head.fc.weight'")
-    return int(state_dict["head.fc.weight"].shape[0])
 
 
 def timm_key(path: tuple[str, ...]) -> tuple[str, str]:
@@ -44,3 +36,7 @@ def timm_key(path: tuple[str, ...]) -> tuple[str, str]:
             kernel_layout = None
     suffix, layout = leaf_key(collection, leaf, kernel_layout)
     return f"{name}.{suffix}", layout
+
+
+register_converter(Converter("convnext", timm_key, layouts=(layouts.FB_CONVNEXT,)),
+                   ("convnext_tiny",))

@@ -1,20 +1,25 @@
-"""Strict timm state dict <-> Flax variables conversion, shared by every model family.
+"""Strict checkpoint -> Flax conversion (and back to timm), shared by every model family.
 
-A family describes its layout with one pure function `timm_key(path) -> (key, transform)`
+A family describes timm's layout with one pure function `timm_key(path) -> (key, transform)`
 that names, for every Flax leaf path (collection first, e.g. ('params', 'head', 'kernel')),
-the timm state-dict key it comes from and how the array is laid out. The core does the
-accounting both ways so that a wrong layout is one loud error listing every mismatch.
+the timm state-dict key it comes from and how the array is laid out. Each family module
+registers that mapping for its model names (`register_converter`), together with the other
+checkpoint layouts its models come in (jaxkd.convert.layouts); a checkpoint's layout is found
+from its keys. The core does the accounting both ways so that a wrong layout is one loud error
+listing every mismatch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Mapping
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
 
 import flax
 import jax
 import numpy as np
 
+from jaxkd.convert.layouts import TIMM, Layout, LayoutError
+from jaxkd.errors import CheckpointError
 from jaxkd.models import registry
 
 # Layout transforms timm -> Flax; each is its own inverse's partner in _INVERSE.
@@ -33,15 +38,61 @@ _INVERSE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 _DERIVED_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(CheckpointError):
+    """A checkpoint that does not fit the model it is converted for."""
 
 
-def _family(name: str):
-    info = registry.model_info(name)
-    if not info.converter:
-        raise ConversionError(f"model {name!r} has no timm converter")
-    return importlib.import_module(f"jaxkd.convert.{info.converter}")
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How one family's Flax variables map to timm state-dict keys."""
+
+    name: str  # the family, e.g. 'swin'
+    timm_key: Callable[[tuple[str, ...]], tuple[str, str]]
+    # Layouts besides timm's own that checkpoints of these models come in.
+    layouts: tuple[Layout, ...] = ()
+    head: tuple[str, ...] = ("head",)  # the classifier's Flax module path
+
+    @property
+    def head_key(self) -> str:
+        """timm key of the classifier weight, whose rows give the class count."""
+        return self.timm_key(("params", *self.head, "kernel"))[0]
+
+    def is_head(self, path: tuple[str, ...]) -> bool:
+        return path[1:1 + len(self.head)] == self.head
+
+    def layout_of(self, keys) -> Layout:
+        """The layout whose keys the checkpoint has; timm's when no other claims it."""
+        return next((layout for layout in self.layouts if layout.claims(keys)), TIMM)
+
+
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(converter: Converter, model_names: Iterable[str]) -> None:
+    for name in model_names:
+        if name in _CONVERTERS:
+            raise ValueError(f"model {name!r} has two converters")
+        _CONVERTERS[name] = converter
+
+
+def converter_for(name: str) -> Converter:
+    registry.model_info(name)  # an unknown model: an error that lists the registered ones
+    try:
+        return _CONVERTERS[name]
+    except KeyError:
+        raise ConversionError(
+            f"model {name!r} has no checkpoint converter (models with one: "
+            f"{', '.join(sorted(_CONVERTERS))})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """Converted variables and what was found in the checkpoint."""
+
+    variables: dict
+    num_classes: int  # 0: a headless backbone (timm's num_classes=0), no classifier variables
+    layout: Layout
+    left_out: dict[str, list[str]]  # reason -> checkpoint keys deliberately not converted
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -57,13 +108,35 @@ def to_numpy(value: Any) -> np.ndarray:
 def abstract_variables(name: str, num_classes: int, **overrides):
     """Shapes of a model's variables, computed without allocating them."""
     model = registry.create_model(name, num_classes=num_classes, **overrides)
-    size = overrides.get("img_size", registry.model_info(name).input_size)
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    images = jax.ShapeDtypeStruct((1, *size, 3), np.float32)
+    images = jax.ShapeDtypeStruct((1, *input_hw(name, overrides), 3), np.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
 
 
-def timm_to_flax(
+def apply_converted(name: str, variables: Mapping[str, Any], images, **overrides):
+    """`(logits, features)` of converted variables on NHWC images (jitted); logits are None
+    for a headless conversion. The Flax models always build a classifier, so a headless one
+    runs with a zero one-class placeholder head, which touches nothing but those logits."""
+    converter = converter_for(name)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+    headless = not any(converter.is_head(path) for path in flat)
+    if headless:
+        placeholder = flax.traverse_util.flatten_dict(flax.core.unfreeze(
+            abstract_variables(name, 1, **overrides)))
+        flat.update({path: np.zeros(leaf.shape, leaf.dtype) for path, leaf in placeholder.items()
+                     if converter.is_head(path)})
+    num_classes = flat[("params", *converter.head, "kernel")].shape[-1]
+    model = registry.create_model(name, num_classes=num_classes, **overrides)
+    logits, features = jax.jit(model.apply)(flax.traverse_util.unflatten_dict(flat), images)
+    return (None if headless else logits), features
+
+
+def timm_to_flax(name: str, state_dict: Mapping[str, Any], **kwargs) -> dict:
+    """`{'params', 'batch_stats'}` for `create_model(name)` from a checkpoint in any layout
+    jaxkd reads for the model; see `convert_checkpoint`."""
+    return convert_checkpoint(name, state_dict, **kwargs).variables
+
+
+def convert_checkpoint(
     name: str,
     state_dict: Mapping[str, Any],
     *,
@@ -71,65 +144,100 @@ def timm_to_flax(
     reinit_head: bool = False,
     seed: int = 0,
     **overrides,
-) -> dict:
-    """Converts a timm state dict into `{'params', 'batch_stats'}` for `create_model(name)`.
+) -> Conversion:
+    """Converts a checkpoint (timm's keys or another layout, found from its keys) for
+    `create_model(name, **overrides)`.
 
-    `num_classes` defaults to the checkpoint's own head size. With `reinit_head=True` a head of
-    another class count (ImageNet weights into a CIFAR model) is freshly initialised instead of
+    `num_classes` defaults to the checkpoint's own head size (0 for a layout without a
+    classifier, whose conversion then has no head variables). With `reinit_head=True` a head
+    of another class count, or one the checkpoint lacks, is freshly initialised instead of
     being an error; nothing is ever dropped silently.
     """
-    family = _family(name)
-    sd = {k: to_numpy(v) for k, v in state_dict.items()}
-    if num_classes is None:
-        num_classes = family.num_classes_of(sd)
-    shapes = flax.traverse_util.flatten_dict(
-        flax.core.unfreeze(abstract_variables(name, num_classes, **overrides))
-    )
-    head = family.HEAD_PREFIX
+    converter = converter_for(name)
+    if reinit_head and num_classes is None:
+        raise ConversionError("reinit_head=True needs num_classes (the new head's size)")
+    arrays = {k: to_numpy(v) for k, v in state_dict.items()}
+    layout = converter.layout_of(arrays.keys())
+    try:
+        normalised = layout.normalise(arrays)
+    except LayoutError as e:
+        raise ConversionError(f"cannot read the checkpoint as {layout.name}: {e}") from None
+    sd = normalised.state_dict
+    head_key = converter.head_key
+    if num_classes is None and layout.headless:
+        num_classes = 0
+    elif num_classes is None and head_key in sd:
+        num_classes = int(sd[head_key].shape[0])
+    # Keys do not depend on the class count: an unknown one builds a 1-class head to list them.
+    shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(
+        abstract_variables(name, num_classes or 1, **overrides)))
+    if num_classes == 0:
+        shapes = {path: leaf for path, leaf in shapes.items() if not converter.is_head(path)}
     fresh = None
-    out, used, missing, bad_shape = {}, set(), [], []
+    out, used, missing, bad_shape, head_unfit = {}, set(), [], [], False
     for path, leaf in shapes.items():
-        key, kind = family.timm_key(path)
-        if key not in sd:
-            missing.append(f"{'/'.join(path)} <- {key}")
-            continue
-        used.add(key)
-        value = _FORWARD[kind](sd[key])
-        if value.shape != leaf.shape:
-            if reinit_head and path[1 : 1 + len(head)] == head:
-                if fresh is None:
-                    fresh = _fresh_head(name, num_classes, seed, head, overrides)
-                value = np.asarray(fresh[path[1 + len(head):]])
-            else:
-                bad_shape.append(
-                    f"{key}: checkpoint {sd[key].shape} -> {tuple(value.shape)}, "
-                    f"model wants {tuple(leaf.shape)} at {'/'.join(path)}"
-                )
+        key, kind = converter.timm_key(path)
+        is_head = converter.is_head(path)
+        reinit = reinit_head and is_head
+        if key in sd:
+            used.add(key)
+            value = _FORWARD[kind](sd[key])
+            if value.shape == leaf.shape:
+                out[path] = value.astype(leaf.dtype)
                 continue
-        out[path] = value.astype(leaf.dtype)
-    unused = sorted(k for k in sd if k not in used and not k.endswith(_DERIVED_SUFFIXES))
+            if not reinit:
+                bad_shape.append(
+                    f"{normalised.source(key)}: checkpoint {sd[key].shape} -> "
+                    f"{tuple(value.shape)}, model wants {tuple(leaf.shape)} at {'/'.join(path)}")
+                head_unfit |= is_head
+                continue
+        elif not reinit:
+            missing.append(f"{'/'.join(path)} <- {key}")
+            head_unfit |= is_head
+            continue
+        if fresh is None:
+            fresh = _fresh_head(name, num_classes, seed, converter.head, overrides)
+        out[path] = np.asarray(fresh[path[1 + len(converter.head):]])
+    unused = sorted(normalised.source(k) for k in sd
+                    if k not in used and not k.endswith(_DERIVED_SUFFIXES))
     if missing or unused or bad_shape:
-        lines = [
-            f"checkpoint does not match model {name!r} (num_classes={num_classes}, "
-            f"overrides={overrides}):"
-        ]
-        if missing:
-            lines += ["  model variables with no checkpoint key:"] + [f"    {m}" for m in missing]
-        if unused:
-            lines += ["  checkpoint keys the model does not use:"] + [f"    {u}" for u in unused]
-        if bad_shape:
-            lines += ["  shape mismatches:"] + [f"    {b}" for b in bad_shape]
-        if bad_shape and not reinit_head:
-            lines.append("  (a head of another class count loads with reinit_head=True)")
-        raise ConversionError("\n".join(lines))
-    return flax.traverse_util.unflatten_dict(out)
+        raise ConversionError(_mismatch_message(
+            name, converter, layout, num_classes, overrides, missing, unused, bad_shape,
+            head_unfit, head_key))
+    return Conversion(flax.traverse_util.unflatten_dict(out), num_classes, layout,
+                      normalised.left_out)
+
+
+def _mismatch_message(name, converter, layout, num_classes, overrides, missing, unused,
+                      bad_shape, head_unfit, head_key) -> str:
+    classes = (f"num_classes={num_classes}" if num_classes is not None
+               else f"num_classes unknown: the checkpoint has no {head_key!r}")
+    lines = [f"checkpoint does not match model {name!r} ({classes}, overrides={overrides})"]
+    if layout is not TIMM:
+        lines[0] += f", read as {layout.name}:"
+    elif missing or unused:
+        known = ", ".join(l.name for l in (TIMM, *converter.layouts))
+        lines[0] += (f": its keys are in none of the layouts read for this model ({known}); "
+                     f"compared with timm's:")
+    else:
+        lines[0] += ":"
+    if missing:
+        lines += ["  model variables with no checkpoint key:"] + [f"    {m}" for m in missing]
+    if unused:
+        lines += ["  checkpoint keys the model does not use:"] + [f"    {u}" for u in unused]
+    if bad_shape:
+        lines += ["  shape mismatches:"] + [f"    {b}" for b in bad_shape]
+    if head_unfit:
+        lines.append("  (a head of another class count, or none, loads with reinit_head=True: "
+                     "a fresh classifier)")
+    return "\n".join(lines)
 
 
 def _fresh_head(name, num_classes, seed, head, overrides):
     """A newly initialised head, flattened. Only the head subtree is returned from the jitted
     init, so XLA drops the initialisers of every other parameter (most of the compile time)."""
     model = registry.create_model(name, num_classes=num_classes, **overrides)
-    images = np.zeros((1, *_img_hw(name, overrides), 3), np.float32)
+    images = np.zeros((1, *input_hw(name, overrides), 3), np.float32)
 
     def init_head(rng):
         subtree = model.init(rng, images, train=False)["params"]
@@ -141,17 +249,19 @@ def _fresh_head(name, num_classes, seed, head, overrides):
         flax.core.unfreeze(jax.jit(init_head)(jax.random.PRNGKey(seed))))
 
 
-def _img_hw(name, overrides):
+def input_hw(name: str, overrides: Mapping[str, Any]) -> tuple[int, int]:
+    """(height, width) of the images a model built with `overrides` takes."""
     size = overrides.get("img_size", registry.model_info(name).input_size)
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def flax_to_timm(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of `timm_to_flax`: a state dict that timm loads with `strict=True`."""
-    family = _family(name)
+    """Inverse of `timm_to_flax`: a state dict (timm 1.0's layout) that timm loads with
+    `strict=True`; variables without a head load into timm's `num_classes=0` model."""
+    timm_key = converter_for(name).timm_key
     sd = {}
     for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables)).items():
-        key, kind = family.timm_key(path)
+        key, kind = timm_key(path)
         sd[key] = np.ascontiguousarray(_INVERSE[kind](np.asarray(value, dtype=np.float32)))
         if key.endswith("running_var"):
             sd[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)

@@ -1,8 +1,9 @@
 """Reads PyTorch/timm checkpoint files into flat numpy state dicts, never running pickled code.
 
-`.safetensors` files are read with the safetensors package (no torch needed). `.pth`, `.pt`,
-`.bin` and timm's `.pth.tar` are read with `torch.load(weights_only=True)`, which refuses any
-pickle that would construct arbitrary objects. Training checkpoints that wrap the weights
+`.safetensors` files are read with the safetensors package and Google's `.npz` parameter files
+with numpy (`allow_pickle=False`), neither needing torch. `.pth`, `.pt`, `.bin` and timm's
+`.pth.tar` are read with `torch.load(weights_only=True)`, which refuses any pickle that would
+construct arbitrary objects. Training checkpoints that wrap the weights
 (under 'state_dict', 'model' or 'model_ema', as the OFA CIFAR-100 teachers are published) are
 unwrapped, and DDP's 'module.' prefix is stripped.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -35,11 +37,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise CheckpointReadError(f"checkpoint file {path!r} does not exist")
     if path.endswith(".safetensors"):
         loaded = _read_safetensors(path)
+    elif path.endswith(".npz"):
+        loaded = _read_npz(path)
     elif path.endswith(TORCH_SUFFIXES):
         loaded = _read_torch(path)
     else:
         raise CheckpointReadError(
-            f"cannot read {path!r}: unknown checkpoint extension (expected .safetensors, "
+            f"cannot read {path!r}: unknown checkpoint extension (expected .safetensors, .npz, "
             f"{', '.join(TORCH_SUFFIXES)})")
     return _clean(path, loaded)
 
@@ -58,6 +62,29 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError) as e:
         raise CheckpointReadError(f"{path!r} is not a valid safetensors file (corrupt or "
                                   f"truncated?): {_first_line(e)}") from None
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """A Flax parameter tree saved by np.savez with '/'-joined keys (Google's ViT/Mixer)."""
+    damaged = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except damaged as e:
+        raise CheckpointReadError(f"{path!r} is not a readable .npz file (corrupt or "
+                                  f"truncated?): {_first_line(e)}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise CheckpointReadError(f"{path!r} holds one array, not an .npz archive of named "
+                                  f"parameters")
+    with archive:
+        try:
+            return {key: archive[key] for key in archive.files}
+        except damaged as e:
+            if "allow_pickle" in str(e):  # an object array: reading it means unpickling
+                raise CheckpointReadError(
+                    f"refusing to read {path!r}: it holds pickled Python objects, which could "
+                    f"run arbitrary code when loaded") from None
+            raise CheckpointReadError(f"{path!r} is corrupt or truncated: "
+                                      f"{_first_line(e)}") from None
 
 
 def _read_torch(path: str) -> Any:

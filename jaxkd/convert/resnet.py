@@ -1,4 +1,5 @@
-"""timm ResNet state-dict layout for jaxkd.models.resnet (resnet18/34/50).
+"""timm ResNet state-dict layout for jaxkd.models.resnet (resnet18/34/50); torchvision's is the
+same, and MoCo's query encoder is one (jaxkd.convert.layouts.MOCO).
 
 Also holds `leaf_key`, the leaf naming every CNN converter shares.
 """
@@ -7,11 +8,8 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
-from jaxkd.convert.core import ConversionError
-
-HEAD_PREFIX = ("head",)
+from jaxkd.convert import layouts
+from jaxkd.convert.core import Converter, register_converter
 
 # Flax (collection, leaf) -> timm suffix for everything but kernels; all are stored as is.
 _LEAF_SUFFIX = {("params", "bias"): "bias", ("params", "scale"): "weight",
@@ -28,12 +26,6 @@ def leaf_key(collection: str, leaf: str, kernel_layout: str) -> tuple[str, str]:
     return _LEAF_SUFFIX[(collection, leaf)], "id"
 
 
-def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
-    if "fc.weight" not in state_dict:
-        raise ConversionError("not a timm ResNet state dict: it has no 'fc.weight'")
-    return int(state_dict["fc.weight"].shape[0])
-
-
 def timm_key(path: tuple[str, ...]) -> tuple[str, str]:
     collection, *modules, leaf = path
     if modules == ["head"]:
@@ -44,3 +36,7 @@ def timm_key(path: tuple[str, ...]) -> tuple[str, str]:
     names += [_DOWNSAMPLE.get(m, m) for m in modules[1:]]
     suffix, layout = leaf_key(collection, leaf, "conv")
     return f"{'.'.join(names)}.{suffix}", layout
+
+
+register_converter(Converter("resnet", timm_key, layouts=(layouts.MOCO,)),
+                   ("resnet18", "resnet34", "resnet50"))

@@ -2,23 +2,19 @@
 
 The Flax modules mirror timm's module tree, so a key is the Flax path with list entries
 (`blocks_3`) written as timm's (`blocks.3`) and Flax leaf names as PyTorch's. Only the patch
-embedding is a conv; every other kernel is a Linear.
+embedding is a conv; every other kernel is a Linear. Google's `.npz` ViTs are read too
+(jaxkd.convert.layouts.VIT_NPZ); DeiT's releases are timm state dicts under 'model'.
 """
 
 from __future__ import annotations
 
 import re
 
-import numpy as np
-
-HEAD_PREFIX: tuple[str, ...] = ("head",)
+from jaxkd.convert import layouts
+from jaxkd.convert.core import Converter, register_converter
 
 _LIST_ENTRY = re.compile(r"^(blocks|layers)_(\d+)$")
 _PATCH_EMBEDS = ("patch_embed", "stem")
-
-
-def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
-    return int(state_dict["head.weight"].shape[0])
 
 
 def token_model_key(path: tuple[str, ...]) -> tuple[str, str]:
@@ -37,5 +33,5 @@ def token_model_key(path: tuple[str, ...]) -> tuple[str, str]:
     return ".".join(modules + [leaf]), kind
 
 
-def timm_key(path: tuple[str, ...]) -> tuple[str, str]:
-    return token_model_key(path)
+register_converter(Converter("vit", token_model_key, layouts=(layouts.VIT_NPZ,)),
+                   ("deit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"))

@@ -95,7 +95,7 @@ class ConvNeXt(nn.Module):
         return logits, {"embedding": embedding, "stages": stages}
 
 
-@register_model("convnext_tiny", family="cnn", converter="convnext")
+@register_model("convnext_tiny", family="cnn")
 def convnext_tiny(num_classes: int = 1000, *, depths: Sequence[int] = (3, 3, 9, 3),
                   dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0,
                   ls_init_value: float = 1e-6, dtype: Any = jnp.float32) -> ConvNeXt:

@@ -148,15 +148,13 @@ def _mixer(num_classes: int, resmlp: bool, defaults: dict, overrides: dict) -> M
     return MlpMixer(num_classes=num_classes, resmlp=resmlp, **kwargs)
 
 
-@register_model("mixer_b16_224", family="mlp", mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                converter="mlp")
+@register_model("mixer_b16_224", family="mlp", mean=INCEPTION_MEAN, std=INCEPTION_STD)
 def mixer_b16_224(num_classes: int = 1000, **overrides) -> MlpMixer:
     return _mixer(num_classes, False, dict(patch_size=16, num_blocks=12, embed_dim=768),
                   overrides)
 
 
-@register_model("resmlp_12_224", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                converter="mlp")
+@register_model("resmlp_12_224", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 def resmlp_12_224(num_classes: int = 1000, **overrides) -> MlpMixer:
     return _mixer(num_classes, True, dict(patch_size=16, num_blocks=12, embed_dim=384,
                                           mlp_ratio=4.0), overrides)

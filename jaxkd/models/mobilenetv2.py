@@ -126,7 +126,7 @@ class MobileNetV2(nn.Module):
         return logits, {"embedding": embedding, "stages": stages}
 
 
-@register_model("mobilenetv2_100", family="cnn", converter="mobilenetv2")
+@register_model("mobilenetv2_100", family="cnn")
 def mobilenetv2_100(num_classes: int = 1000, *, drop_path_rate: float = 0.0,
                     dtype: Any = jnp.float32) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, drop_path_rate=drop_path_rate, dtype=dtype)

@@ -25,7 +25,8 @@ FAMILIES = ("cnn", "vit", "mlp")
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What the trainer and the converter need to know about a registered model."""
+    """What the trainer and the converter need to know about a registered model (its checkpoint
+    converter registers itself in jaxkd.convert)."""
 
     name: str
     family: str  # 'cnn' | 'vit' | 'mlp': picks the training recipe.
@@ -33,7 +34,6 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
-    converter: str = ""  # name of the jaxkd.convert family module that maps its timm keys
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -46,7 +46,6 @@ def register_model(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     input_size: int = 224,
-    converter: str = "",
 ):
     """Decorator registering `builder(num_classes=..., **overrides)` under a timm model name."""
     if family not in FAMILIES:
@@ -56,7 +55,7 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelInfo(
-            name, family, builder, tuple(mean), tuple(std), input_size, converter
+            name, family, builder, tuple(mean), tuple(std), input_size
         )
         return builder
 
