@@ -89,8 +89,9 @@ def check_variables(expected, actual, what: str) -> None:
         raise CheckpointError("\n".join(lines))
 
 
-def load_teacher(config, num_classes: int, image_size: int, dtype):
-    """Builds the teacher and loads its export; returns (handle, variables)."""
+def load_teacher(config, num_classes: int, image_size: int, dtype, *, needs_logits: bool):
+    """Builds the teacher and loads its export; returns (handle, variables). A headless export
+    (0 classes: a self-supervised backbone) serves methods that read no teacher logits."""
     tcfg = config.teacher
     if not tcfg.get("name"):
         raise ConfigError(f"method {config.method.name!r} needs config.teacher.name")
@@ -100,13 +101,20 @@ def load_teacher(config, num_classes: int, image_size: int, dtype):
                           "scripts/convert_timm.py)")
     variables, meta = checkpoint.load_model(tcfg.checkpoint)
     overrides = model_overrides(tcfg)
-    if meta.get("model_name") != tcfg.name or meta.get("num_classes") != num_classes or \
+    headless = meta.get("num_classes") == 0
+    if headless and needs_logits:
+        raise ConfigError(
+            f"teacher checkpoint {tcfg.checkpoint!r} is a backbone without a classifier head "
+            f"(0 classes), but method {config.method.name!r} reads the teacher's logits; use "
+            "a method that distills features only (coss), or a teacher with a head")
+    teacher_classes = 0 if headless else num_classes
+    if meta.get("model_name") != tcfg.name or meta.get("num_classes") != teacher_classes or \
             meta.get("overrides", {}) != overrides:
         raise CheckpointError(
             f"teacher checkpoint {tcfg.checkpoint!r} holds {meta.get('model_name')!r} with "
             f"{meta.get('num_classes')} classes and overrides {meta.get('overrides')}, but the "
             f"config asks for {tcfg.name!r} with {num_classes} classes and overrides {overrides}")
-    handle = build_model(tcfg, num_classes, dtype)
+    handle = build_model(tcfg, teacher_classes, dtype)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     try:
         expected = jax.eval_shape(lambda x: handle.module.init(jax.random.PRNGKey(0), x), x)

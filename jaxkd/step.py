@@ -62,7 +62,8 @@ def build(config, num_classes: int, steps_per_epoch: int, total_steps: int, mesh
     requires = distill.method_requirements(config.method.name)
     teacher, teacher_variables, teacher_shardings = None, None, None
     if requires.uses_teacher:
-        teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype)
+        teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype,
+                                             needs_logits=requires.teacher_logits)
         teacher_shardings = sharding.tree_shardings(
             teacher_vars, mesh, sharding.check_strategy(
                 config.get("teacher_sharding", "data"), "teacher_sharding"))

@@ -93,7 +93,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
              counts["method"] / 1e6)
 
     teacher_metrics = {}
-    if setup.teacher is not None:  # measured (and checked) at every start, logged at step 0
+    if setup.teacher is not None and setup.teacher.num_classes:
+        # measured (and checked) at every start, logged at step 0; a headless teacher has none
         teacher_metrics = evaluators.evaluate_teacher(eval_ctx)
         if start == 0:
             writer.write(0, teacher_metrics)

@@ -110,6 +110,9 @@ class Requirements:
     """What a method needs from the run (see the module docstring)."""
 
     teacher: str = "outputs"  # TEACHER_USES
+    # reads the teacher's logits: False for methods that use only its features, which can
+    # then distill from a headless backbone (a self-supervised MoCo ResNet-50)
+    teacher_logits: bool = True
     labels: bool = True  # reads batch['label']: False for unsupervised methods
     sampler: str = "random"  # SAMPLERS: how train batches are drawn
     per_example: bool = False  # has a PER_EXAMPLE_COLLECTION

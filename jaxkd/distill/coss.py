@@ -29,7 +29,7 @@ class CoSSHead(nn.Module):
         return nn.Dense(self.out_dim)(x)
 
 
-@register_method("coss", labels=False, sampler="neighbours")
+@register_method("coss", teacher_logits=False, labels=False, sampler="neighbours")
 class CoSS(Method):
     lambda_ss: float = 1.0
     student_temp: float = 0.1
