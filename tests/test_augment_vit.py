@@ -14,13 +14,14 @@ from PIL import Image, ImageOps
 
 from jaxkd import data
 from jaxkd.data import augment as augment_lib
+from jaxkd.data import randaugment
 
 DIGITS = "sklearn_digits"
 VIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
               "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-ALL_OPS = tuple(dict.fromkeys(augment_lib.RANDAUGMENT_OPS
-                              + augment_lib.RANDAUGMENT_INCREASING_OPS))
+ALL_OPS = tuple(dict.fromkeys(randaugment.RANDAUGMENT_OPS
+                              + randaugment.RANDAUGMENT_INCREASING_OPS))
 GREY = (128, 128, 128)
 
 
@@ -75,7 +76,7 @@ def test_defaults_are_off_and_config_validated():
 def test_randaugment_spec_parsed_as_timm(spec_string):
     auto_augment, _, _ = timm_data()
     theirs = auto_augment.rand_augment_transform(spec_string, {"img_mean": GREY})
-    spec = augment_lib.parse_randaugment(spec_string)
+    spec = randaugment.parse_randaugment(spec_string)
     assert spec.num_layers == theirs.num_layers
     assert spec.op_names == tuple(op.name for op in theirs.ops)
     for op in theirs.ops:
@@ -99,7 +100,7 @@ def test_randaugment_op_matches_timm_pil(name, monkeypatch):
         arguments = level_to_arg(magnitude, {}) if level_to_arg else ()
         theirs = auto_augment.NAME_TO_OP[name](Image.fromarray(image), *arguments,
                                                fillcolor=GREY, resample=Image.BILINEAR)
-        ours = augment_lib.randaugment_op(name, tf.constant(image, tf.float32),
+        ours = randaugment.randaugment_op(name, tf.constant(image, tf.float32),
                                           tf.constant(magnitude, tf.float64),
                                           tf.constant(negate))
         assert ours.shape == image.shape
@@ -114,11 +115,11 @@ def test_posterize_increasing_at_magnitude_10_keeps_no_bits():
     auto_augment, _, _ = timm_data()
     assert auto_augment.LEVEL_TO_ARG["PosterizeIncreasing"](10.0, {}) == (0,)
     image = sample_images()[0]
-    ours = augment_lib.randaugment_op("PosterizeIncreasing", tf.constant(image, tf.float32),
+    ours = randaugment.randaugment_op("PosterizeIncreasing", tf.constant(image, tf.float32),
                                       tf.constant(10.0, tf.float64), tf.constant(False))
     np.testing.assert_array_equal(ours, 0)
     np.testing.assert_array_equal(np.asarray(ImageOps.posterize(Image.fromarray(image), 1)),
-                                  augment_lib.randaugment_op(
+                                  randaugment.randaugment_op(
                                       "PosterizeIncreasing", tf.constant(image, tf.float32),
                                       tf.constant(7.5, tf.float64), tf.constant(False)))
 
@@ -150,7 +151,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
     """Whole RandAugment (op choice, apply probability, magnitude noise and clipping, signs)
     against timm's RandAugment replaying our random numbers."""
     auto_augment, _, _ = timm_data()
-    spec = augment_lib.parse_randaugment(spec_string)
+    spec = randaugment.parse_randaugment(spec_string)
     theirs = auto_augment.rand_augment_transform(
         spec_string, {"img_mean": GREY, "interpolation": Image.BILINEAR})
     image = sample_images()[1]
@@ -158,7 +159,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
     for seed in range(16):
         seed = tf.constant([seed, 5], tf.int64)
         draws = {key: value.numpy()
-                 for key, value in augment_lib.randaugment_draws(seed, spec).items()}
+                 for key, value in randaugment.randaugment_draws(seed, spec).items()}
         replayed = ReplayedRandom(draws, spec)
         monkeypatch.setattr(auto_augment, "random", replayed)
 
@@ -170,7 +171,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
 
         monkeypatch.setattr(np.random, "choice", choose)
         expected = np.asarray(theirs(Image.fromarray(image)))
-        ours = augment_lib.rand_augment(tf.constant(image / 255.0, tf.float32), seed, spec)
+        ours = randaugment.rand_augment(tf.constant(image / 255.0, tf.float32), seed, spec)
         geometric = any(spec.op_names[op] in GEOMETRIC_OPS for op in draws["op"])
         assert_levels_match_pil(ours.numpy() * 255.0, expected, geometric)
         applied += replayed.gauss_calls
@@ -178,14 +179,14 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
 
 
 def test_rand_augment_same_inside_tf_data_and_on_the_grid():
-    spec = augment_lib.parse_randaugment("rand-m9-mstd0.5-inc1")
+    spec = randaugment.parse_randaugment("rand-m9-mstd0.5-inc1")
     rng = np.random.default_rng(1)
     images = rng.random((12, 24, 20, 3)).astype(np.float32)
     seeds = np.stack([np.full(12, 3), np.arange(12)], axis=1).astype(np.int64)
     dataset = tf.data.Dataset.from_tensor_slices((images, seeds)).map(
-        lambda image, seed: augment_lib.rand_augment(image, seed, spec))
+        lambda image, seed: randaugment.rand_augment(image, seed, spec))
     in_pipeline = np.stack(list(dataset.as_numpy_iterator()))
-    eager = np.stack([augment_lib.rand_augment(tf.constant(image), tf.constant(seed), spec)
+    eager = np.stack([randaugment.rand_augment(tf.constant(image), tf.constant(seed), spec)
                       for image, seed in zip(images, seeds)])
     np.testing.assert_array_equal(in_pipeline, eager)
     assert in_pipeline.min() >= 0.0 and in_pipeline.max() <= 1.0
@@ -203,11 +204,11 @@ def mean_within(sample, expected_mean, count_sigmas=4.0):
 def test_randaugment_draw_distribution():
     """timm: uniform op choice with replacement, apply when random() <= 0.5, magnitude
     N(9, 0.5), negate when random() > 0.5."""
-    spec = augment_lib.parse_randaugment("rand-m9-mstd0.5")
+    spec = randaugment.parse_randaugment("rand-m9-mstd0.5")
     seeds = tf.stack([tf.fill([3000], tf.constant(11, tf.int64)),
                       tf.range(3000, dtype=tf.int64)], axis=1)
     draws = tf.function(lambda seeds: tf.map_fn(
-        lambda seed: augment_lib.randaugment_draws(seed, spec), seeds,
+        lambda seed: randaugment.randaugment_draws(seed, spec), seeds,
         fn_output_signature={"op": tf.int32, "apply_draw": tf.float32,
                              "magnitude": tf.float64, "sign_draw": tf.float32}))(seeds)
     ops = draws["op"].numpy().ravel()
