@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.description = ""  # one line, shown in suite summaries
-    # sampler "random" (jaxkd.data.train_batches) or "neighbours" (CoSS's nearest-neighbour
+    # sampler "random" (jaxkd.data.RandomSampler) or "neighbours" (CoSS's nearest-neighbour
     # batches, jaxkd.data.neighbours: anchors of 1 + num_neighbours images, neighbours drawn
     # from the top neighbour_pool of a teacher index of index_size neighbours per example).
     c.dataset = ml_collections.ConfigDict(

@@ -30,7 +30,6 @@ from flax import struct
 
 from jaxkd import checkpoint, data, distill, models, optim, recipes, sharding
 from jaxkd.analysis import training_eval
-from jaxkd.data import neighbours
 from jaxkd.errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
 from jaxkd.metric_writer import MetricWriter
 
@@ -472,7 +471,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _check_batch_size(config, mesh)
     ds = config.dataset
     data_dir = ds.data_dir or None
-    info = data.dataset_info(ds.name, data_dir=data_dir, train_fraction=ds.train_fraction)
+    dataset = data.open_dataset(ds.name, data_dir, ds.train_fraction)
+    info = dataset.info
     steps_per_epoch, total_steps = resolve_durations(config, info.num_train_examples)
     trainer = Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh,
                       num_train_examples=info.num_train_examples)
@@ -496,10 +496,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  counts["method"] / 1e6)
 
     def eval_batches():
-        return data.eval_batches(ds.name, data_dir=data_dir,
-                                 global_batch_size=config.eval_batch_size or config.batch_size,
-                                 image_size=ds.image_size, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+        return dataset.eval_batches(global_batch_size=config.eval_batch_size or config.batch_size,
+                                    image_size=ds.image_size, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
 
     def evaluate():
         def accuracy(params):
@@ -512,8 +511,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             out = {"eval/top1": result["top1"], "eval/top5": result["top5"]}
             if state.ema_params is not None:
                 out["eval/ema_top1"] = accuracy(state.ema_params)["top1"]
-        out.update(_representation_metrics(config, trainer, state, eval_batches,
-                                           info.num_classes))
+        out.update(_representation_metrics(config, trainer, state, eval_batches, dataset))
         return out
 
     if trainer.teacher is not None and step == 0:
@@ -527,9 +525,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         teacher_embedding = jax.jit(lambda v, x: trainer._teacher_forward(v, x)[1]["embedding"])
         teacher_embed_fn = lambda x: teacher_embedding(  # noqa: E731
             trainer.teacher_variables, sharding.global_batch(x, mesh))
-    batches = data.run_train_batches(config, workdir, teacher_embed_fn=teacher_embed_fn,
-                                     start_step=step, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    sampler = data.make_sampler(config, workdir)
+    sampler.prepare(dataset, embed_fn=teacher_embed_fn,
+                    batch_size=config.eval_batch_size or config.batch_size,
+                    process_count=jax.process_count())
+    batches = sampler.batches(dataset, start_step=step, process_index=jax.process_index(),
+                              process_count=jax.process_count())
     progress = _Progress(total_steps, step, config.batch_size,
                          enabled=is_main and config.get("progress_bar", True))
     last_eval: dict = {}
@@ -590,7 +591,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last_eval
 
 
-def _representation_metrics(config, trainer, state, eval_batches, num_classes) -> dict:
+def _representation_metrics(config, trainer, state, eval_batches, dataset) -> dict:
     """k-NN top-1 of an unsupervised student's embedding, and with `eval_cka_examples` > 0 the
     teacher-student CKA per stage. Single-process only: both gather the whole split."""
     knn = not config.get("supervised", True)
@@ -607,13 +608,11 @@ def _representation_metrics(config, trainer, state, eval_batches, num_classes) -
         return sharding.global_batch({"image": images}, mesh)
 
     if knn:
-        train_split = neighbours.centre_crop_train_batches(
-            ds.name, data_dir=ds.data_dir or None, image_size=ds.image_size,
-            batch_size=config.eval_batch_size or config.batch_size,
-            train_fraction=ds.train_fraction)
+        train_split = dataset.centre_crop_train_batches(
+            image_size=ds.image_size, batch_size=config.eval_batch_size or config.batch_size)
         out.update(training_eval.knn_metrics(
             lambda x: trainer.embed_step(params, student_state, on_mesh(x)), train_split,
-            eval_batches(), num_classes))
+            eval_batches(), dataset.info.num_classes))
     if cka_examples > 0:
         out.update(training_eval.cka_metrics(
             lambda x: trainer.layers_step(params, student_state, trainer.teacher_variables,

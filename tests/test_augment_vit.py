@@ -12,9 +12,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
-from jaxkd import data
 from jaxkd.data import augment as augment_lib
 from jaxkd.data import randaugment
+
+from helpers import random_batches
 
 DIGITS = "sklearn_digits"
 VIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
@@ -417,7 +418,7 @@ def digits_train(digits_dir, **kwargs):
     """A quarter of the train split: 11 steps an epoch."""
     kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": VIT_RECIPE,
               "train_fraction": 0.25} | kwargs
-    return data.train_batches(DIGITS, data_dir=digits_dir, **kwargs)
+    return random_batches(DIGITS, digits_dir, **kwargs)
 
 
 def test_pipeline_with_vit_recipe_is_soft_deterministic_and_resumes(digits_dir):

@@ -218,6 +218,14 @@ def apply_example_transforms(image: tf.Tensor, seed: tf.Tensor,
     return image
 
 
+def apply_batch_transforms(batch: dict[str, tf.Tensor], seed: tf.Tensor,
+                           transforms: list[BatchTransform]) -> dict[str, tf.Tensor]:
+    """Runs the transforms with an independent seed each."""
+    for position, transform in enumerate(transforms):
+        batch = transform(batch, tf.random.experimental.stateless_fold_in(seed, position))
+    return batch
+
+
 # Mixup and cutmix: timm's Mixup in 'batch' mode. One draw per batch decides whether to mix
 # (mixup_prob), which of the two (mixup_switch_prob when both are on) and lambda ~ Beta(alpha,
 # alpha); every row is mixed with the row at the mirrored position (timm's x.flip(0)).
