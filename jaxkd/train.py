@@ -530,7 +530,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     batch_size=config.eval_batch_size or config.batch_size,
                     process_count=jax.process_count())
     batches = sampler.batches(dataset, start_step=step, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(),
+                              local_device_count=jax.local_device_count())
     progress = _Progress(total_steps, step, config.batch_size,
                          enabled=is_main and config.get("progress_bar", True))
     last_eval: dict = {}

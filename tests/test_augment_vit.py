@@ -1,5 +1,6 @@
 """The ViT/MLP-student augmentations (RandAugment, mixup/cutmix, random erasing): timm's PIL ops
-and Mixup on the same draws, NumPy references eagerly and inside tf.data, pipeline resume."""
+and Mixup on the same draws, NumPy references eagerly and inside tf.data, per-device mixing,
+pipeline resume."""
 
 import itertools
 import math
@@ -14,6 +15,7 @@ from PIL import Image, ImageOps
 
 from jaxkd.data import augment as augment_lib
 from jaxkd.data import randaugment
+from jaxkd.errors import ConfigError
 
 from helpers import random_batches
 
@@ -340,6 +342,38 @@ def test_mix_params_distribution():
     assert np.all(area[~use_cutmix] == 0)
 
 
+def test_mixup_cutmix_per_chunk_mixes_each_chunk_on_its_own():
+    """8 chunks of 4 rows: chunk c is mixed as a batch of its own with the seed
+    fold_in(seed, first_chunk + c) (its own draws; pairs within the chunk), and
+    batch_transforms keys a process's chunks by their devices' global places."""
+    config = augment_lib.AugmentConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    images, labels = batch_of(batch_size=32, num_classes=7)
+    batch = {"image": tf.constant(images), "label": tf.one_hot(labels, 7), "index": tf.range(32)}
+    seed = tf.constant([5, 6], tf.int64)
+    mixed = augment_lib.mixup_cutmix_per_chunk(batch, seed, config, num_chunks=8, first_chunk=8)
+    np.testing.assert_array_equal(mixed["index"], np.arange(32))
+    lams, kinds = [], set()
+    for chunk in range(8):
+        rows = slice(4 * chunk, 4 * chunk + 4)
+        use_cutmix, lam, box = (value.numpy() for value in augment_lib.mix_params(
+            tf.random.experimental.stateless_fold_in(seed, 8 + chunk), config, 10, 14))
+        expected_images, expected_targets = numpy_mix(images[rows], labels[rows], 7,
+                                                      use_cutmix, lam, box, 0.1)
+        np.testing.assert_allclose(mixed["image"][rows], expected_images, atol=1e-6)
+        np.testing.assert_allclose(mixed["label"][rows], expected_targets, atol=1e-6)
+        lams.append(float(lam))
+        kinds.add(bool(use_cutmix))
+    assert len(set(lams)) == 8 and kinds == {False, True}
+    # Process 2 of 4 with 4 devices each holds the chunks of devices 8..11.
+    transform, = augment_lib.batch_transforms(config, local_device_count=4, process_index=2)
+    half = {key: value[:16] for key, value in batch.items()}
+    expected = augment_lib.mixup_cutmix_per_chunk(half, seed, config, num_chunks=4,
+                                                  first_chunk=8)
+    for key, value in transform(half, seed).items():
+        np.testing.assert_array_equal(value, expected[key])
+    np.testing.assert_allclose(transform(half, seed)["label"], mixed["label"][:16], atol=1e-6)
+
+
 # Random erasing.
 
 def numpy_erase(images, windows, noises):
@@ -416,12 +450,16 @@ def digits_dir(tmp_path_factory):
 
 def digits_train(digits_dir, **kwargs):
     """A quarter of the train split: 11 steps an epoch."""
-    kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": VIT_RECIPE,
+    kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": PER_PROCESS,
               "train_fraction": 0.25} | kwargs
     return random_batches(DIGITS, digits_dir, **kwargs)
 
 
+PER_PROCESS = VIT_RECIPE | {"mix_per_device": False}
+
+
 def test_pipeline_with_vit_recipe_is_soft_deterministic_and_resumes(digits_dir):
+    """One mixing draw per process batch (mix_per_device=False)."""
     builder = tfds.builder(DIGITS, data_dir=digits_dir)
     labels_by_index = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["label"]
     steps_per_epoch = round(0.25 * 1437) // 32
@@ -449,3 +487,47 @@ def test_pipeline_with_vit_recipe_is_soft_deterministic_and_resumes(digits_dir):
         resumed = list(itertools.islice(digits_train(digits_dir, start_step=start_step), 1))
         for key in ("image", "label", "index"):
             np.testing.assert_array_equal(resumed[0][key], fresh[start_step][key])
+
+
+def assert_mix_of_mirrored_rows(mixed, targets, images, labels, smoothing, num_classes):
+    """`mixed`, `targets` are a mixup or cutmix of `images` (and smoothed one-hot `labels`)
+    with their mirrored rows at one lambda, which is returned."""
+    smoothed = np.full((len(labels), num_classes), smoothing / num_classes)
+    smoothed[np.arange(len(labels)), labels] += 1.0 - smoothing
+    row = np.nonzero(labels != labels[::-1])[0][0]
+    lam = (targets[row, labels[row]] - smoothed[::-1][row, labels[row]]) / (1.0 - smoothing)
+    np.testing.assert_allclose(targets, smoothed * lam + smoothed[::-1] * (1 - lam), atol=1e-5)
+    mirrored = images[::-1]
+    if np.allclose(mixed, images * lam + mirrored * (1 - lam), atol=1e-5):
+        return lam
+    # Cutmix: every pixel of every row is its own or its mirror's, the box holds the others.
+    own = np.all(mixed == images, axis=(0, 3))
+    assert np.all(own | np.all(mixed == mirrored, axis=(0, 3)))
+    rows, cols = np.nonzero(~own)
+    height, width = own.shape
+    box_area = round((1 - lam) * height * width)
+    assert abs((1 - lam) * height * width - box_area) < 1e-3  # lam from float32 targets
+    if len(rows):
+        assert (np.ptp(rows) + 1) * (np.ptp(cols) + 1) <= box_area
+    return lam
+
+
+def test_pipeline_mixes_per_device_and_resumes(digits_dir):
+    """The default on a process with 8 devices: each device's 8 rows of the batch of 64 are a
+    mix of their own examples with their own lambda; a resumed run gives the same batches."""
+    mixing = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+    config = {"global_batch_size": 64, "local_device_count": 8}
+    fresh = list(itertools.islice(digits_train(digits_dir, augment=mixing, **config), 3))
+    plain = list(itertools.islice(digits_train(digits_dir, augment={}, **config), 3))
+    for batch, unmixed in zip(fresh, plain):
+        np.testing.assert_array_equal(batch["index"], unmixed["index"])
+        lams = [assert_mix_of_mirrored_rows(batch["image"][rows], batch["label"][rows],
+                                            unmixed["image"][rows], unmixed["label"][rows],
+                                            0.1, 10)
+                for rows in (slice(8 * chunk, 8 * chunk + 8) for chunk in range(8))]
+        assert len(set(np.round(lams, 6))) >= 6
+    resumed = next(digits_train(digits_dir, augment=mixing, start_step=2, **config))
+    for key in ("image", "label", "index"):
+        np.testing.assert_array_equal(resumed[key], fresh[2][key])
+    with pytest.raises(ConfigError, match="does not split over 8 devices"):
+        digits_train(digits_dir, augment=mixing, global_batch_size=36, local_device_count=8)

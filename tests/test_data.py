@@ -177,7 +177,8 @@ def test_batch_transform_hook_is_applied_and_resumes(digits_dir, monkeypatch):
     def tag_with_seed(batch, seed):
         return {**batch, "hook_seed": seed}
 
-    monkeypatch.setattr(augment_lib, "batch_transforms", lambda config: [tag_with_seed])
+    monkeypatch.setattr(augment_lib, "batch_transforms",
+                        lambda config, **devices: [tag_with_seed])
     fresh = take(digits_train(digits_dir, augment={}), 3)
     seeds = [tuple(batch["hook_seed"]) for batch in fresh]
     assert len(set(seeds)) == 3

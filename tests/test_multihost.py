@@ -79,7 +79,8 @@ def _reference_run(config, mesh):
     steps_per_epoch, total_steps = train.resolve_durations(config, info.num_train_examples)
     trainer = train.Trainer(config, info.num_classes, steps_per_epoch, total_steps, mesh)
     sampler = data.RandomSampler(data.TrainData.from_config(config))
-    streams = [sampler.batches(dataset, process_index=i, process_count=2) for i in range(2)]
+    streams = [sampler.batches(dataset, process_index=i, process_count=2,
+                               local_device_count=mesh.size // 2) for i in range(2)]
     state, losses = trainer.init_state(config.seed), []
     for _ in range(STEPS):
         parts = [next(stream) for stream in streams]

@@ -55,6 +55,9 @@ class AugmentConfig:
     batches carry soft labels float32 [B, num_classes], smoothed by `label_smoothing`.
     mixup_prob: probability that a batch is mixed at all; mixup_switch_prob: probability of
     cutmix rather than mixup when both are on (timm's `--mixup-prob`, `--mixup-switch-prob`).
+    mix_per_device: each device's share of the process batch is mixed as a batch of its own
+    (its own draws, pairs within the share), as the official runs mix each GPU's batch;
+    False: one draw and one pairing for the whole process batch.
     """
 
     random_resized_crop: bool = True
@@ -67,6 +70,7 @@ class AugmentConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    mix_per_device: bool = True
 
     def __post_init__(self):
         if self.randaugment:
@@ -195,15 +199,24 @@ def example_transforms(config: AugmentConfig | None, image_size: int) -> list[Ex
     return transforms
 
 
-def batch_transforms(config: AugmentConfig | None) -> list[BatchTransform]:
-    """The batch-level train transforms in order: mixup/cutmix, then random erasing.
+def batch_transforms(config: AugmentConfig | None, *, local_device_count: int = 1,
+                     process_index: int = 0) -> list[BatchTransform]:
+    """The batch-level train transforms of a process's batches in order: mixup/cutmix, then
+    random erasing.
 
     Mixing needs one-hot labels float32 [B, num_classes] (the pipeline encodes them when
-    `config.mixes`); it returns the smoothed, mixed targets in their place.
+    `config.mixes`); it returns the smoothed, mixed targets in their place. With
+    `config.mix_per_device` the batch is mixed in `local_device_count` equal chunks, keyed by
+    their device's place among all devices (`process_index * local_device_count + chunk`).
     """
     transforms = []
     if config is not None and config.mixes:
-        transforms.append(lambda batch, seed: mixup_cutmix(batch, seed, config))
+        if config.mix_per_device:
+            first_chunk = process_index * local_device_count
+            transforms.append(lambda batch, seed: mixup_cutmix_per_chunk(
+                batch, seed, config, num_chunks=local_device_count, first_chunk=first_chunk))
+        else:
+            transforms.append(lambda batch, seed: mixup_cutmix(batch, seed, config))
     if config is not None and config.random_erasing > 0.0:
         transforms.append(lambda batch, seed: random_erasing(
             batch, seed, probability=config.random_erasing))
@@ -228,7 +241,9 @@ def apply_batch_transforms(batch: dict[str, tf.Tensor], seed: tf.Tensor,
 
 # Mixup and cutmix: timm's Mixup in 'batch' mode. One draw per batch decides whether to mix
 # (mixup_prob), which of the two (mixup_switch_prob when both are on) and lambda ~ Beta(alpha,
-# alpha); every row is mixed with the row at the mirrored position (timm's x.flip(0)).
+# alpha); every row is mixed with the row at the mirrored position (timm's x.flip(0)). A
+# "batch" here is one device's share by default (`mixup_cutmix_per_chunk`), as timm mixes each
+# GPU's batch.
 
 
 def cutmix_box(lam: tf.Tensor, center_y: tf.Tensor, center_x: tf.Tensor, height: tf.Tensor,
@@ -313,6 +328,21 @@ def mixup_cutmix(batch: dict[str, tf.Tensor], seed: tf.Tensor, config: AugmentCo
     images, targets = mix_batch(images, batch["label"], use_cutmix, lam, box,
                                 config.label_smoothing)
     return {**batch, "image": images, "label": targets}
+
+
+def mixup_cutmix_per_chunk(batch: dict[str, tf.Tensor], seed: tf.Tensor, config: AugmentConfig,
+                           *, num_chunks: int, first_chunk: int = 0) -> dict[str, tf.Tensor]:
+    """`mixup_cutmix` on each of `num_chunks` equal consecutive chunks of the batch, chunk c
+    with seed `fold_in(seed, first_chunk + c)`: its own mix-or-not, kind, lambda and box, and
+    pairs (mirrored rows) within the chunk."""
+    images = tf.split(batch["image"], num_chunks)
+    labels = tf.split(batch["label"], num_chunks)
+    mixed = [mixup_cutmix({"image": chunk_images, "label": chunk_labels},
+                          tf.random.experimental.stateless_fold_in(seed, first_chunk + chunk),
+                          config)
+             for chunk, (chunk_images, chunk_labels) in enumerate(zip(images, labels))]
+    return {**batch, "image": tf.concat([m["image"] for m in mixed], axis=0),
+            "label": tf.concat([m["label"] for m in mixed], axis=0)}
 
 
 # Random erasing: timm's RandomErasing with one box per image ('pixel' mode, count 1), each

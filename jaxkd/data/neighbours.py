@@ -180,9 +180,12 @@ class NeighbourSampler:
                       process_count=process_count)
 
     def batches(self, dataset: Dataset, *, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                process_count: int = 1, local_device_count: int = 1
+                ) -> Iterator[dict[str, np.ndarray]]:
         """Endless train batches of global_batch_size // process_count; each process takes
-        its contiguous share of the global batch's groups."""
+        its contiguous share of the global batch's groups. `local_device_count` is unused:
+        nothing is drawn per device."""
+        del local_device_count
         data = self.data
         group = 1 + self.num_neighbours
         local_batch = local_batch_size(data.global_batch_size, process_count)

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from jaxkd.data import augment as augment_lib
 from jaxkd.data.datasets import Dataset, local_batch_size, traced
+from jaxkd.errors import ConfigError
 
 if TYPE_CHECKING:
     from jaxkd.data.sampling import TrainData
@@ -49,7 +50,8 @@ class RandomSampler:
         del dataset, embed_fn, batch_size, process_count
 
     def batches(self, dataset: Dataset, *, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                process_count: int = 1, local_device_count: int = 1
+                ) -> Iterator[dict[str, np.ndarray]]:
         """Endless train batches {"image", "label", "index"} of global_batch_size //
         process_count.
 
@@ -59,16 +61,21 @@ class RandomSampler:
         skipping only within the epoch. A split smaller than MIN_EXAMPLES_PER_PIPELINE is read
         as several epochs per pipeline (each reshuffled, partial batches carried into the next
         epoch). "label" is int32 [B], or float32 [B, num_classes] soft targets when the
-        augmentation mixes images (mixup/cutmix).
+        augmentation mixes images (mixup/cutmix; by default per device, each of the process's
+        `local_device_count` equal chunks on its own).
         """
         data, info = self.data, dataset.info
         local_batch = local_batch_size(data.global_batch_size, process_count)
         config = data.augment
         mixes = config is not None and config.mixes  # Mixing makes soft targets.
+        if mixes and config.mix_per_device and local_batch % local_device_count:
+            raise ConfigError(f"mixup/cutmix per device: the per-process batch {local_batch} "
+                              f"does not split over {local_device_count} devices")
         local_split = tfds.even_splits(info.train_split, n=process_count,
                                        drop_remainder=True)[process_index]
         example_transforms = augment_lib.example_transforms(config, data.image_size)
-        batch_transforms = augment_lib.batch_transforms(config)
+        batch_transforms = augment_lib.batch_transforms(
+            config, local_device_count=local_device_count, process_index=process_index)
         decode = dataset.decoder("train")
         seed = data.seed
 

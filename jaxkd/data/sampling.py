@@ -41,7 +41,8 @@ class Sampler(Protocol):
     `prepare` runs once before any batch is read, with the teacher's `embed_fn(images float32
     [B, H, W, 3] in [0, 1]) -> [B, D]` (None without a teacher) for samplers that index the
     data. `batches` yields this process's share (global batch // process_count) of batch
-    `start_step`, `start_step + 1`, ...
+    `start_step`, `start_step + 1`, ...; per-device draws (mixup/cutmix) split it into
+    `local_device_count` equal chunks.
     """
 
     data: TrainData
@@ -50,7 +51,8 @@ class Sampler(Protocol):
                 process_count: int = 1) -> None: ...
 
     def batches(self, dataset: Dataset, *, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]: ...
+                process_count: int = 1, local_device_count: int = 1
+                ) -> Iterator[dict[str, np.ndarray]]: ...
 
 
 def make_sampler(config, workdir: str) -> Sampler:
