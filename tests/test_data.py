@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from jaxkd import data
 from jaxkd.data import augment as augment_lib
 from jaxkd.data import datasets, pipeline
+from jaxkd.errors import ConfigError
 
 from conftest import MOCK_CIFAR_EXAMPLES
 from helpers import random_batches
@@ -216,6 +217,24 @@ def test_train_labels_are_the_labels_of_batch_indices(digits_dir, digits_splits)
             np.testing.assert_array_equal(labels[batch["index"]], batch["label"])
     quarter = data.open_dataset(DIGITS, digits_dir, train_fraction=0.25).train_labels()
     np.testing.assert_array_equal(quarter, stored_labels[:359])
+
+
+def test_make_sampler_reads_the_run_config(tmp_path):
+    from jaxkd import recipes
+    from jaxkd.data import neighbours
+
+    config = recipes.base_config()
+    config.dataset.update(image_size=32, index_size=12, num_neighbours=3, neighbour_pool=5)
+    config.augment.scale_min = 0.35
+    train_data = data.TrainData(global_batch_size=128, image_size=32, seed=0,
+                                augment=data.AugmentConfig(scale_min=0.35))
+    assert data.make_sampler(config, str(tmp_path)) == data.RandomSampler(train_data)
+    assert data.make_sampler(config, str(tmp_path), "neighbours") == data.NeighbourSampler(
+        train_data, index_path=neighbours.index_path(str(tmp_path), 12), index_size=12,
+        num_neighbours=3, neighbour_pool=5)
+    config.dataset.sampler = "nearest"
+    with pytest.raises(ConfigError, match="dataset.sampler must be one of .* 'nearest'"):
+        data.make_sampler(config, str(tmp_path))
 
 
 def test_data_package_does_not_import_jax():

@@ -1,6 +1,6 @@
 """Input pipelines: TFDS datasets (scikit-learn digits built in, CIFAR-100, ImageNet) as numpy
-batches. Importing this package registers the `sklearn_digits` TFDS builder; it does not
-import JAX (the trainer passes in what must run on the accelerators, e.g. an embedding).
+batches. Importing this package registers the `sklearn_digits` TFDS builder. No module here
+imports JAX: the trainer passes in what runs on the accelerators (the teacher's embedding).
 
 `open_dataset` resolves a dataset once; a sampler (`make_sampler`, or `RandomSampler` /
 `NeighbourSampler` over a `TrainData`) turns it into train batches."""

@@ -55,16 +55,18 @@ class Sampler(Protocol):
                 ) -> Iterator[dict[str, np.ndarray]]: ...
 
 
-def make_sampler(config, workdir: str) -> Sampler:
-    """The sampler of a run config: 'random' (shuffled, augmented batches) or 'neighbours'
-    (CoSS's anchor + neighbour groups, its index kept in `workdir`)."""
+def make_sampler(config, workdir: str, sampler: str | None = None) -> Sampler:
+    """A run config's sampler, `sampler` or else `config.dataset.sampler`: 'random'
+    (shuffled, augmented batches) or 'neighbours' (CoSS's anchor + neighbour groups, with
+    `config.dataset`'s group sizes, its index kept in `workdir`)."""
     data = TrainData.from_config(config)
     ds = config.dataset
-    if ds.sampler == "random":
+    sampler = ds.sampler if sampler is None else sampler
+    if sampler == "random":
         return RandomSampler(data)
-    if ds.sampler == "neighbours":
+    if sampler == "neighbours":
         return neighbours.NeighbourSampler(
             data, index_path=neighbours.index_path(workdir, ds.index_size),
             index_size=ds.index_size, num_neighbours=ds.num_neighbours,
             neighbour_pool=ds.neighbour_pool)
-    raise ConfigError(f"dataset.sampler must be one of {SAMPLERS}, got {ds.sampler!r}")
+    raise ConfigError(f"dataset.sampler must be one of {SAMPLERS}, got {sampler!r}")
