@@ -54,8 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.description = ""  # one line, shown in suite summaries
-    # sampler: "" = the one the method declares; "random" (jaxkd.data.train_batches) or
-    # "neighbours" (CoSS's nearest-neighbour batches, jaxkd.data.neighbours: anchors of
+    # sampler: "" = the one the method declares; "random" (jaxkd.data.RandomSampler) or
+    # "neighbours" (CoSS's nearest-neighbour batches, jaxkd.data.NeighbourSampler: anchors of
     # 1 + num_neighbours images, neighbours drawn from the top neighbour_pool of a teacher
     # index of index_size neighbours per example).
     c.dataset = ml_collections.ConfigDict(
@@ -72,10 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
         "eps": 1e-8, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0,
         "end_lr": 0.0, "decay_epochs": (), "decay_factor": 0.1, "clip_norm": 0.0})
     # jaxkd.data.augment.AugmentConfig's fields; the ViT-recipe extras are off by default.
+    # mix_per_device: mixup/cutmix draws per device batch (the official runs' per-GPU draws).
     c.augment = ml_collections.ConfigDict(
         {"random_resized_crop": True, "scale_min": 0.08, "flip": True, "randaugment": "",
          "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0,
-         "mixup_switch_prob": 0.5, "label_smoothing": 0.0})
+         "mixup_switch_prob": 0.5, "label_smoothing": 0.0, "mix_per_device": True})
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 0  # 0: same as batch_size
     c.num_epochs = 1.0

@@ -13,8 +13,7 @@ import os
 
 import jax
 
-from jaxkd import checkpoint, data, evaluators, lifecycle, run_config, sharding, step
-from jaxkd.data import neighbours
+from jaxkd import checkpoint, data, distill, evaluators, lifecycle, run_config, sharding, step
 from jaxkd.errors import ConfigError, Preempted
 from jaxkd.metric_writer import MetricWriter
 
@@ -32,21 +31,23 @@ def _prepare_workdir(workdir: str) -> None:
         raise ConfigError(f"workdir {workdir!r} is not writable")
 
 
-def _train_batches(config, workdir, setup, teacher_variables, start_step):
+def _train_batches(config, workdir, dataset, setup, teacher_variables, start_step):
     """The train batches of the run's sampler (the method's unless config.dataset.sampler
-    names one), resumed at `start_step`."""
-    ds = config.dataset
-    sampler = ds.get("sampler", "") or setup.requires.sampler
+    names one), prepared (a neighbour index built with the teacher) and resumed at
+    `start_step`."""
+    sampler = data.make_sampler(config, workdir,
+                                config.dataset.get("sampler", "") or setup.requires.sampler)
     teacher_embed_fn = None
     if setup.teacher is not None:  # samplers that index the data (CoSS's neighbours)
         embed = jax.jit(lambda v, x: step.teacher_forward(setup, v, x)[1]["embedding"])
         teacher_embed_fn = lambda x: embed(  # noqa: E731
             teacher_variables, sharding.global_batch({"image": x}, setup.mesh)["image"])
-    with config.unlocked():
-        config.dataset.sampler = sampler
-    return data.run_train_batches(config, workdir, teacher_embed_fn=teacher_embed_fn,
-                                  start_step=start_step, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    sampler.prepare(dataset, embed_fn=teacher_embed_fn,
+                    batch_size=config.eval_batch_size or config.batch_size,
+                    process_count=jax.process_count())
+    return sampler.batches(dataset, start_step=start_step, process_index=jax.process_index(),
+                           process_count=jax.process_count(),
+                           local_device_count=jax.local_device_count())
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -58,23 +59,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_config.check_batch_size(config, mesh)
     ds = config.dataset
     data_dir = ds.data_dir or None
-    info = data.dataset_info(ds.name, data_dir=data_dir, train_fraction=ds.train_fraction)
+    dataset = data.open_dataset(ds.name, data_dir, ds.train_fraction)
+    info = dataset.info
     steps_per_epoch, total_steps = run_config.resolve_durations(config,
                                                                 info.num_train_examples)
-    setup, teacher_variables = step.build(config, info.num_classes, steps_per_epoch,
-                                          total_steps, mesh,
-                                          num_train_examples=info.num_train_examples)
+    requires = distill.method_requirements(config.method.name)
+    setup, teacher_variables = step.build(
+        config, info.num_classes, steps_per_epoch, total_steps, mesh,
+        num_train_examples=info.num_train_examples,
+        train_labels=dataset.train_labels() if requires.train_labels else None)
     eval_batch_size = config.eval_batch_size or config.batch_size
     eval_ctx = evaluators.EvalContext(
         config=config, setup=setup, teacher_variables=teacher_variables,
         num_classes=info.num_classes,
-        eval_batches=lambda: data.eval_batches(
-            ds.name, data_dir=data_dir, global_batch_size=eval_batch_size,
-            image_size=ds.image_size, process_index=jax.process_index(),
-            process_count=jax.process_count()),
-        train_batches=lambda: neighbours.centre_crop_train_batches(
-            ds.name, data_dir=data_dir, image_size=ds.image_size, batch_size=eval_batch_size,
-            train_fraction=ds.train_fraction))
+        eval_batches=lambda: dataset.eval_batches(
+            global_batch_size=eval_batch_size, image_size=ds.image_size,
+            process_index=jax.process_index(), process_count=jax.process_count()),
+        train_batches=lambda: dataset.centre_crop_train_batches(
+            image_size=ds.image_size, batch_size=eval_batch_size))
     evals = evaluators.build_evaluators(eval_ctx)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)
@@ -99,7 +101,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if start == 0:
             writer.write(0, teacher_metrics)
 
-    batches = _train_batches(config, workdir, setup, teacher_variables, start)
+    batches = _train_batches(config, workdir, dataset, setup, teacher_variables, start)
     state, last_eval = _loop(config, setup, state, teacher_variables, batches, evals, writer,
                              ckpt, meta, total_steps, is_main)
     if not last_eval:  # resumed at the end: report the final evaluation again

@@ -498,11 +498,12 @@ def run_torch(args, compiled: bool) -> dict:
 def run_input_pipeline(args) -> dict:
     from jaxkd import data, recipes
 
-    data_dir = args.data_dir or None
-    batches = data.train_batches(args.dataset, data_dir=data_dir,
-                                 global_batch_size=args.batch_size,
-                                 image_size=args.image_size, seed=0,
-                                 augment=recipes.base_config().augment)
+    dataset = data.open_dataset(args.dataset, args.data_dir or None)
+    augment = data.AugmentConfig.from_config(recipes.base_config().augment)
+    sampler = data.RandomSampler(data.TrainData(global_batch_size=args.batch_size,
+                                                image_size=args.image_size, seed=0,
+                                                augment=augment))
+    batches = sampler.batches(dataset)
     for _ in range(3):  # pipeline start and shuffle buffer
         next(batches)
     start = time.perf_counter()

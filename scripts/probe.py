@@ -19,7 +19,6 @@ import jax
 from jaxkd import data
 from jaxkd.analysis import probe
 from jaxkd.analysis.representations import load_export
-from jaxkd.data import neighbours
 from jaxkd.errors import JaxkdError
 
 
@@ -48,14 +47,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model = load_export(args.model)
-        info = data.dataset_info(args.dataset, data_dir=args.data_dir)
+        dataset = data.open_dataset(args.dataset, args.data_dir)
+        info = dataset.info
         embed = embedding_fn(model)
-        train = probe.embed_batches(embed, neighbours.centre_crop_train_batches(
-            args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-            batch_size=args.batch_size))
-        test = probe.embed_batches(embed, data.eval_batches(
-            args.dataset, data_dir=args.data_dir, global_batch_size=args.batch_size,
-            image_size=args.image_size))
+        train = probe.embed_batches(embed, dataset.centre_crop_train_batches(
+            image_size=args.image_size, batch_size=args.batch_size))
+        test = probe.embed_batches(embed, dataset.eval_batches(
+            global_batch_size=args.batch_size, image_size=args.image_size))
     except JaxkdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

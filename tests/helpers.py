@@ -6,7 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxkd import checkpoint, distill, models, recipes
+from jaxkd import checkpoint, data, distill, models, recipes
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
 VIT = "deit_tiny_patch16_224"
@@ -69,3 +69,13 @@ def apply_method(method, variables, student, teacher, batch, *, teacher_forward=
         terms, state = out
         return distill.total_loss(terms), state
     return distill.total_loss(out)
+
+
+def random_batches(name: str, data_dir: str, *, global_batch_size: int, image_size: int,
+                   seed: int, augment, train_fraction: float = 1.0, **batches_kwargs):
+    """The random sampler's train batches of a dataset; `augment` holds AugmentConfig fields
+    (None: a plain resize), `batches_kwargs` go to `RandomSampler.batches`."""
+    dataset = data.open_dataset(name, data_dir, train_fraction)
+    augment = None if augment is None else data.AugmentConfig.from_config(augment)
+    sampler = data.RandomSampler(data.TrainData(global_batch_size, image_size, seed, augment))
+    return sampler.batches(dataset, **batches_kwargs)

@@ -1,5 +1,6 @@
 """The ViT/MLP-student augmentations (RandAugment, mixup/cutmix, random erasing): timm's PIL ops
-and Mixup on the same draws, NumPy references eagerly and inside tf.data, pipeline resume."""
+and Mixup on the same draws, NumPy references eagerly and inside tf.data, per-device mixing,
+pipeline resume."""
 
 import itertools
 import math
@@ -12,15 +13,18 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
-from jaxkd import data
 from jaxkd.data import augment as augment_lib
+from jaxkd.data import randaugment
+from jaxkd.errors import ConfigError
+
+from helpers import random_batches
 
 DIGITS = "sklearn_digits"
 VIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
               "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-ALL_OPS = tuple(dict.fromkeys(augment_lib.RANDAUGMENT_OPS
-                              + augment_lib.RANDAUGMENT_INCREASING_OPS))
+ALL_OPS = tuple(dict.fromkeys(randaugment.RANDAUGMENT_OPS
+                              + randaugment.RANDAUGMENT_INCREASING_OPS))
 GREY = (128, 128, 128)
 
 
@@ -75,7 +79,7 @@ def test_defaults_are_off_and_config_validated():
 def test_randaugment_spec_parsed_as_timm(spec_string):
     auto_augment, _, _ = timm_data()
     theirs = auto_augment.rand_augment_transform(spec_string, {"img_mean": GREY})
-    spec = augment_lib.parse_randaugment(spec_string)
+    spec = randaugment.parse_randaugment(spec_string)
     assert spec.num_layers == theirs.num_layers
     assert spec.op_names == tuple(op.name for op in theirs.ops)
     for op in theirs.ops:
@@ -99,7 +103,7 @@ def test_randaugment_op_matches_timm_pil(name, monkeypatch):
         arguments = level_to_arg(magnitude, {}) if level_to_arg else ()
         theirs = auto_augment.NAME_TO_OP[name](Image.fromarray(image), *arguments,
                                                fillcolor=GREY, resample=Image.BILINEAR)
-        ours = augment_lib.randaugment_op(name, tf.constant(image, tf.float32),
+        ours = randaugment.randaugment_op(name, tf.constant(image, tf.float32),
                                           tf.constant(magnitude, tf.float64),
                                           tf.constant(negate))
         assert ours.shape == image.shape
@@ -114,11 +118,11 @@ def test_posterize_increasing_at_magnitude_10_keeps_no_bits():
     auto_augment, _, _ = timm_data()
     assert auto_augment.LEVEL_TO_ARG["PosterizeIncreasing"](10.0, {}) == (0,)
     image = sample_images()[0]
-    ours = augment_lib.randaugment_op("PosterizeIncreasing", tf.constant(image, tf.float32),
+    ours = randaugment.randaugment_op("PosterizeIncreasing", tf.constant(image, tf.float32),
                                       tf.constant(10.0, tf.float64), tf.constant(False))
     np.testing.assert_array_equal(ours, 0)
     np.testing.assert_array_equal(np.asarray(ImageOps.posterize(Image.fromarray(image), 1)),
-                                  augment_lib.randaugment_op(
+                                  randaugment.randaugment_op(
                                       "PosterizeIncreasing", tf.constant(image, tf.float32),
                                       tf.constant(7.5, tf.float64), tf.constant(False)))
 
@@ -150,7 +154,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
     """Whole RandAugment (op choice, apply probability, magnitude noise and clipping, signs)
     against timm's RandAugment replaying our random numbers."""
     auto_augment, _, _ = timm_data()
-    spec = augment_lib.parse_randaugment(spec_string)
+    spec = randaugment.parse_randaugment(spec_string)
     theirs = auto_augment.rand_augment_transform(
         spec_string, {"img_mean": GREY, "interpolation": Image.BILINEAR})
     image = sample_images()[1]
@@ -158,7 +162,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
     for seed in range(16):
         seed = tf.constant([seed, 5], tf.int64)
         draws = {key: value.numpy()
-                 for key, value in augment_lib.randaugment_draws(seed, spec).items()}
+                 for key, value in randaugment.randaugment_draws(seed, spec).items()}
         replayed = ReplayedRandom(draws, spec)
         monkeypatch.setattr(auto_augment, "random", replayed)
 
@@ -170,7 +174,7 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
 
         monkeypatch.setattr(np.random, "choice", choose)
         expected = np.asarray(theirs(Image.fromarray(image)))
-        ours = augment_lib.rand_augment(tf.constant(image / 255.0, tf.float32), seed, spec)
+        ours = randaugment.rand_augment(tf.constant(image / 255.0, tf.float32), seed, spec)
         geometric = any(spec.op_names[op] in GEOMETRIC_OPS for op in draws["op"])
         assert_levels_match_pil(ours.numpy() * 255.0, expected, geometric)
         applied += replayed.gauss_calls
@@ -178,14 +182,14 @@ def test_rand_augment_matches_timm_randaugment_on_same_draws(spec_string, monkey
 
 
 def test_rand_augment_same_inside_tf_data_and_on_the_grid():
-    spec = augment_lib.parse_randaugment("rand-m9-mstd0.5-inc1")
+    spec = randaugment.parse_randaugment("rand-m9-mstd0.5-inc1")
     rng = np.random.default_rng(1)
     images = rng.random((12, 24, 20, 3)).astype(np.float32)
     seeds = np.stack([np.full(12, 3), np.arange(12)], axis=1).astype(np.int64)
     dataset = tf.data.Dataset.from_tensor_slices((images, seeds)).map(
-        lambda image, seed: augment_lib.rand_augment(image, seed, spec))
+        lambda image, seed: randaugment.rand_augment(image, seed, spec))
     in_pipeline = np.stack(list(dataset.as_numpy_iterator()))
-    eager = np.stack([augment_lib.rand_augment(tf.constant(image), tf.constant(seed), spec)
+    eager = np.stack([randaugment.rand_augment(tf.constant(image), tf.constant(seed), spec)
                       for image, seed in zip(images, seeds)])
     np.testing.assert_array_equal(in_pipeline, eager)
     assert in_pipeline.min() >= 0.0 and in_pipeline.max() <= 1.0
@@ -203,11 +207,11 @@ def mean_within(sample, expected_mean, count_sigmas=4.0):
 def test_randaugment_draw_distribution():
     """timm: uniform op choice with replacement, apply when random() <= 0.5, magnitude
     N(9, 0.5), negate when random() > 0.5."""
-    spec = augment_lib.parse_randaugment("rand-m9-mstd0.5")
+    spec = randaugment.parse_randaugment("rand-m9-mstd0.5")
     seeds = tf.stack([tf.fill([3000], tf.constant(11, tf.int64)),
                       tf.range(3000, dtype=tf.int64)], axis=1)
     draws = tf.function(lambda seeds: tf.map_fn(
-        lambda seed: augment_lib.randaugment_draws(seed, spec), seeds,
+        lambda seed: randaugment.randaugment_draws(seed, spec), seeds,
         fn_output_signature={"op": tf.int32, "apply_draw": tf.float32,
                              "magnitude": tf.float64, "sign_draw": tf.float32}))(seeds)
     ops = draws["op"].numpy().ravel()
@@ -338,6 +342,38 @@ def test_mix_params_distribution():
     assert np.all(area[~use_cutmix] == 0)
 
 
+def test_mixup_cutmix_per_chunk_mixes_each_chunk_on_its_own():
+    """8 chunks of 4 rows: chunk c is mixed as a batch of its own with the seed
+    fold_in(seed, first_chunk + c) (its own draws; pairs within the chunk), and
+    batch_transforms keys a process's chunks by their devices' global places."""
+    config = augment_lib.AugmentConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    images, labels = batch_of(batch_size=32, num_classes=7)
+    batch = {"image": tf.constant(images), "label": tf.one_hot(labels, 7), "index": tf.range(32)}
+    seed = tf.constant([5, 6], tf.int64)
+    mixed = augment_lib.mixup_cutmix_per_chunk(batch, seed, config, num_chunks=8, first_chunk=8)
+    np.testing.assert_array_equal(mixed["index"], np.arange(32))
+    lams, kinds = [], set()
+    for chunk in range(8):
+        rows = slice(4 * chunk, 4 * chunk + 4)
+        use_cutmix, lam, box = (value.numpy() for value in augment_lib.mix_params(
+            tf.random.experimental.stateless_fold_in(seed, 8 + chunk), config, 10, 14))
+        expected_images, expected_targets = numpy_mix(images[rows], labels[rows], 7,
+                                                      use_cutmix, lam, box, 0.1)
+        np.testing.assert_allclose(mixed["image"][rows], expected_images, atol=1e-6)
+        np.testing.assert_allclose(mixed["label"][rows], expected_targets, atol=1e-6)
+        lams.append(float(lam))
+        kinds.add(bool(use_cutmix))
+    assert len(set(lams)) == 8 and kinds == {False, True}
+    # Process 2 of 4 with 4 devices each holds the chunks of devices 8..11.
+    transform, = augment_lib.batch_transforms(config, local_device_count=4, process_index=2)
+    half = {key: value[:16] for key, value in batch.items()}
+    expected = augment_lib.mixup_cutmix_per_chunk(half, seed, config, num_chunks=4,
+                                                  first_chunk=8)
+    for key, value in transform(half, seed).items():
+        np.testing.assert_array_equal(value, expected[key])
+    np.testing.assert_allclose(transform(half, seed)["label"], mixed["label"][:16], atol=1e-6)
+
+
 # Random erasing.
 
 def numpy_erase(images, windows, noises):
@@ -414,12 +450,16 @@ def digits_dir(tmp_path_factory):
 
 def digits_train(digits_dir, **kwargs):
     """A quarter of the train split: 11 steps an epoch."""
-    kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": VIT_RECIPE,
+    kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": PER_PROCESS,
               "train_fraction": 0.25} | kwargs
-    return data.train_batches(DIGITS, data_dir=digits_dir, **kwargs)
+    return random_batches(DIGITS, digits_dir, **kwargs)
+
+
+PER_PROCESS = VIT_RECIPE | {"mix_per_device": False}
 
 
 def test_pipeline_with_vit_recipe_is_soft_deterministic_and_resumes(digits_dir):
+    """One mixing draw per process batch (mix_per_device=False)."""
     builder = tfds.builder(DIGITS, data_dir=digits_dir)
     labels_by_index = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["label"]
     steps_per_epoch = round(0.25 * 1437) // 32
@@ -447,3 +487,47 @@ def test_pipeline_with_vit_recipe_is_soft_deterministic_and_resumes(digits_dir):
         resumed = list(itertools.islice(digits_train(digits_dir, start_step=start_step), 1))
         for key in ("image", "label", "index"):
             np.testing.assert_array_equal(resumed[0][key], fresh[start_step][key])
+
+
+def assert_mix_of_mirrored_rows(mixed, targets, images, labels, smoothing, num_classes):
+    """`mixed`, `targets` are a mixup or cutmix of `images` (and smoothed one-hot `labels`)
+    with their mirrored rows at one lambda, which is returned."""
+    smoothed = np.full((len(labels), num_classes), smoothing / num_classes)
+    smoothed[np.arange(len(labels)), labels] += 1.0 - smoothing
+    row = np.nonzero(labels != labels[::-1])[0][0]
+    lam = (targets[row, labels[row]] - smoothed[::-1][row, labels[row]]) / (1.0 - smoothing)
+    np.testing.assert_allclose(targets, smoothed * lam + smoothed[::-1] * (1 - lam), atol=1e-5)
+    mirrored = images[::-1]
+    if np.allclose(mixed, images * lam + mirrored * (1 - lam), atol=1e-5):
+        return lam
+    # Cutmix: every pixel of every row is its own or its mirror's, the box holds the others.
+    own = np.all(mixed == images, axis=(0, 3))
+    assert np.all(own | np.all(mixed == mirrored, axis=(0, 3)))
+    rows, cols = np.nonzero(~own)
+    height, width = own.shape
+    box_area = round((1 - lam) * height * width)
+    assert abs((1 - lam) * height * width - box_area) < 1e-3  # lam from float32 targets
+    if len(rows):
+        assert (np.ptp(rows) + 1) * (np.ptp(cols) + 1) <= box_area
+    return lam
+
+
+def test_pipeline_mixes_per_device_and_resumes(digits_dir):
+    """The default on a process with 8 devices: each device's 8 rows of the batch of 64 are a
+    mix of their own examples with their own lambda; a resumed run gives the same batches."""
+    mixing = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+    config = {"global_batch_size": 64, "local_device_count": 8}
+    fresh = list(itertools.islice(digits_train(digits_dir, augment=mixing, **config), 3))
+    plain = list(itertools.islice(digits_train(digits_dir, augment={}, **config), 3))
+    for batch, unmixed in zip(fresh, plain):
+        np.testing.assert_array_equal(batch["index"], unmixed["index"])
+        lams = [assert_mix_of_mirrored_rows(batch["image"][rows], batch["label"][rows],
+                                            unmixed["image"][rows], unmixed["label"][rows],
+                                            0.1, 10)
+                for rows in (slice(8 * chunk, 8 * chunk + 8) for chunk in range(8))]
+        assert len(set(np.round(lams, 6))) >= 6
+    resumed = next(digits_train(digits_dir, augment=mixing, start_step=2, **config))
+    for key in ("image", "label", "index"):
+        np.testing.assert_array_equal(resumed[key], fresh[2][key])
+    with pytest.raises(ConfigError, match="does not split over 8 devices"):
+        digits_train(digits_dir, augment=mixing, global_batch_size=36, local_device_count=8)

@@ -40,8 +40,8 @@ def test_cka_script_on_two_exports(tmp_path):
     assert os.path.getsize(os.path.join(out, "cka.png")) > 0
 
     # The embedding-vs-embedding entry against a NumPy reference on the same 100 images.
-    images = np.concatenate([b["image"] for b in data.eval_batches(
-        "sklearn_digits", data_dir=data_dir, global_batch_size=100, image_size=16)])[:100]
+    images = np.concatenate([b["image"] for b in data.open_dataset(
+        "sklearn_digits", data_dir).eval_batches(global_batch_size=100, image_size=16)])[:100]
     embeddings = []
     for path in (teacher, student):
         model = load_export(path)

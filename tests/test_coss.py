@@ -10,6 +10,7 @@ import pytest
 from jaxkd import data, distill, losses, train
 from jaxkd.analysis import probe
 from jaxkd.data import neighbours
+from jaxkd.errors import ConfigError
 from jaxkd.metric_writer import read_metrics
 
 from helpers import apply_method, init_method, load_script, random_teacher, tiny_config
@@ -46,11 +47,12 @@ def test_index_is_saved_and_reused(tmp_path):
     x = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
     calls = []
     build = lambda: calls.append(1) or x
-    first = neighbours.load_or_build_index(str(tmp_path), 6, 40, build)
-    again = neighbours.load_or_build_index(str(tmp_path), 6, 40, build)
+    path = neighbours.index_path(str(tmp_path), 6)
+    first = neighbours.load_or_build_index(path, 6, 40, build)
+    again = neighbours.load_or_build_index(path, 6, 40, build)
     assert len(calls) == 1
     np.testing.assert_array_equal(first, again)
-    assert os.path.exists(neighbours.index_path(str(tmp_path), 6))
+    assert os.path.exists(path)
 
 
 def test_sampler_groups_are_anchor_plus_distinct_pool_neighbours():
@@ -76,20 +78,29 @@ def test_sampler_groups_are_anchor_plus_distinct_pool_neighbours():
     assert set(rows[:, 1:].ravel()) == set(index[drawn[0, 0], :9])
 
 
-def test_neighbour_batches_serve_the_indexed_images(digits_dir):
-    ordered = list(neighbours.centre_crop_train_batches(
-        "sklearn_digits", data_dir=digits_dir, image_size=16, batch_size=500))
+def test_neighbour_batches_serve_the_indexed_images(digits_dir, tmp_path):
+    dataset = data.open_dataset("sklearn_digits", digits_dir)
+    ordered = list(dataset.centre_crop_train_batches(image_size=16, batch_size=500))
     assert [len(b["mask"]) for b in ordered] == [500] * 3  # the last one padded
     keep = np.concatenate([b["mask"] for b in ordered]) > 0
     images = np.concatenate([b["image"] for b in ordered])[keep]
     labels = np.concatenate([b["label"] for b in ordered])[keep]
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in ordered])[keep],
                                   np.arange(1437))
+    np.testing.assert_array_equal(labels, dataset.train_labels())
     index = neighbours.top_k_neighbours(images.reshape(len(images), -1), 10)
-    batches = neighbours.neighbour_batches(
-        "sklearn_digits", index, data_dir=digits_dir, global_batch_size=16, image_size=16,
-        seed=0, augment=None, num_neighbours=3, neighbour_pool=5, process_index=1,
-        process_count=2, start_step=2)
+    sampler = data.NeighbourSampler(data.TrainData(16, 16, 0, None),
+                                    index_path=str(tmp_path / "index.npy"), index_size=10,
+                                    num_neighbours=3, neighbour_pool=5)
+    with pytest.raises(ConfigError, match="no neighbour index at .*index.npy: the sampler's "
+                                          "prepare step builds it"):
+        sampler.batches(dataset)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        sampler.prepare(dataset, embed_fn=None, batch_size=500)
+    # Prepared from an embedding that is the image itself: the same index.
+    sampler.prepare(dataset, embed_fn=lambda x: x.reshape(len(x), -1), batch_size=500)
+    np.testing.assert_array_equal(np.load(sampler.index_path), index)
+    batches = sampler.batches(dataset, process_index=1, process_count=2, start_step=2)
     batch = next(batches)
     expected = neighbours.batch_example_ids(index, step=2, anchors=4, num_neighbours=3,
                                             neighbour_pool=5, seed=0)[2:].reshape(-1)
@@ -177,10 +188,11 @@ def test_coss_end_to_end_with_neighbour_sampler(tmp_path, digits_dir):
     student = load_export(os.path.join(workdir, "export"))
     embed = jax.jit(lambda x: student.module.apply(
         student.variables, (x - student.mean) / student.std)[1]["embedding"])
-    train_split = probe.embed_batches(embed, neighbours.centre_crop_train_batches(
-        "sklearn_digits", data_dir=digits_dir, image_size=16, batch_size=256))
-    eval_split = probe.embed_batches(embed, data.eval_batches(
-        "sklearn_digits", data_dir=digits_dir, global_batch_size=256, image_size=16))
+    dataset = data.open_dataset("sklearn_digits", digits_dir)
+    train_split = probe.embed_batches(embed, dataset.centre_crop_train_batches(
+        image_size=16, batch_size=256))
+    eval_split = probe.embed_batches(embed, dataset.eval_batches(global_batch_size=256,
+                                                                 image_size=16))
     expected = probe.knn_top1(*train_split, *eval_split, num_classes=10)
     # The same vote on embeddings from another compiled program: at most one of the 360
     # test images may flip.
@@ -202,7 +214,6 @@ def test_probe_script_on_a_model_export(tmp_path, digits_dir):
     with open(out) as f:
         result = json.load(f)
     # Against the probe on embeddings computed here directly from the model.
-    from jaxkd import data
     from jaxkd.analysis.representations import load_export
 
     model = load_export(model_dir)
@@ -210,10 +221,9 @@ def test_probe_script_on_a_model_export(tmp_path, digits_dir):
         (np.asarray(model.module.apply(model.variables, (b["image"] - model.mean) / model.std)
                     [1]["embedding"])[b["mask"] > 0], b["label"][b["mask"] > 0])
         for b in batches])]
-    train_x, train_y = embed(neighbours.centre_crop_train_batches(
-        "sklearn_digits", data_dir=digits_dir, image_size=16, batch_size=256))
-    test_x, test_y = embed(data.eval_batches("sklearn_digits", data_dir=digits_dir,
-                                             global_batch_size=256, image_size=16))
+    dataset = data.open_dataset("sklearn_digits", digits_dir)
+    train_x, train_y = embed(dataset.centre_crop_train_batches(image_size=16, batch_size=256))
+    test_x, test_y = embed(dataset.eval_batches(global_batch_size=256, image_size=16))
     assert (len(train_y), len(test_y)) == (1437, 360)
     assert result["knn_top1"] == pytest.approx(probe.knn_top1(train_x, train_y, test_x, test_y,
                                                               num_classes=10), abs=0.3)

@@ -1,11 +1,15 @@
-"""Input pipelines: the digits TFDS builder, train/eval batches, augmentation, fail-fast."""
+"""Input pipelines: the digits TFDS builder, train/eval batches, train labels, augmentation,
+fail-fast, no JAX."""
 
 import collections
 import concurrent.futures
 import fcntl
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 
 import ml_collections
@@ -16,9 +20,11 @@ import tensorflow_datasets as tfds
 
 from jaxkd import data
 from jaxkd.data import augment as augment_lib
-from jaxkd.data import pipeline
+from jaxkd.data import datasets, pipeline
+from jaxkd.errors import ConfigError
 
 from conftest import MOCK_CIFAR_EXAMPLES
+from helpers import random_batches
 
 DIGITS = "sklearn_digits"
 
@@ -59,7 +65,7 @@ def assert_batches_equal(batches, expected):
 
 def digits_train(digits_dir, **kwargs):
     kwargs = {"global_batch_size": 64, "image_size": 8, "seed": 0, "augment": None} | kwargs
-    return data.train_batches(DIGITS, data_dir=digits_dir, **kwargs)
+    return random_batches(DIGITS, digits_dir, **kwargs)
 
 
 def test_digits_builder_prepares_offline_with_documented_split(tmp_path):
@@ -92,7 +98,7 @@ def test_digits_builder_prepares_offline_with_documented_split(tmp_path):
 def test_digits_preparation_waits_for_another_process(tmp_path):
     """A second local process must wait for the first one's preparation, not redo it (TFDS
     would fail renaming its copy onto the finished one)."""
-    with open(pipeline.prepare_lock_path(DIGITS, tmp_path), "w") as lock:
+    with open(datasets.prepare_lock_path(DIGITS, tmp_path), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # As the other process does while preparing.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
             waiting = executor.submit(data.prepare, DIGITS, str(tmp_path))
@@ -105,10 +111,10 @@ def test_digits_preparation_waits_for_another_process(tmp_path):
 
 
 def test_dataset_info_and_train_fraction(digits_dir):
-    assert data.dataset_info(DIGITS, digits_dir) == data.DatasetInfo(
+    assert data.open_dataset(DIGITS, digits_dir).info == data.DatasetInfo(
         num_classes=10, num_train_examples=1437, num_eval_examples=360, train_split="train",
         eval_split="test")
-    info = data.dataset_info(DIGITS, digits_dir, train_fraction=0.25)
+    info = data.open_dataset(DIGITS, digits_dir, train_fraction=0.25).info
     assert info.num_train_examples == round(0.25 * 1437)
     assert info.train_split == f"train[:{info.num_train_examples}]"
     batches = take(digits_train(digits_dir, train_fraction=0.25, global_batch_size=32), 20)
@@ -172,7 +178,8 @@ def test_batch_transform_hook_is_applied_and_resumes(digits_dir, monkeypatch):
     def tag_with_seed(batch, seed):
         return {**batch, "hook_seed": seed}
 
-    monkeypatch.setattr(augment_lib, "batch_transforms", lambda config: [tag_with_seed])
+    monkeypatch.setattr(augment_lib, "batch_transforms",
+                        lambda config, **devices: [tag_with_seed])
     fresh = take(digits_train(digits_dir, augment={}), 3)
     seeds = [tuple(batch["hook_seed"]) for batch in fresh]
     assert len(set(seeds)) == 3
@@ -195,10 +202,77 @@ def test_train_batches_two_processes_read_disjoint_halves(digits_dir):
     assert not per_process[0] & per_process[1]
 
 
+def test_train_labels_are_the_labels_of_batch_indices(digits_dir, digits_splits):
+    """One array over the whole train split (all processes' shares), in index order, read
+    once; with a train fraction, its first examples."""
+    _, stored_labels = digits_splits["train"]
+    dataset = data.open_dataset(DIGITS, digits_dir)
+    labels = dataset.train_labels()
+    assert labels.dtype == np.int32 and not labels.flags.writeable
+    np.testing.assert_array_equal(labels, stored_labels)
+    assert dataset.train_labels() is labels  # cached
+    for process_index in range(2):
+        for batch in take(digits_train(digits_dir, process_index=process_index,
+                                       process_count=2), 3):
+            np.testing.assert_array_equal(labels[batch["index"]], batch["label"])
+    quarter = data.open_dataset(DIGITS, digits_dir, train_fraction=0.25).train_labels()
+    np.testing.assert_array_equal(quarter, stored_labels[:359])
+
+
+def test_make_sampler_reads_the_run_config(tmp_path):
+    from jaxkd import recipes
+    from jaxkd.data import neighbours
+
+    config = recipes.base_config()
+    config.dataset.update(image_size=32, index_size=12, num_neighbours=3, neighbour_pool=5)
+    config.augment.scale_min = 0.35
+    train_data = data.TrainData(global_batch_size=128, image_size=32, seed=0,
+                                augment=data.AugmentConfig(scale_min=0.35))
+    assert data.make_sampler(config, str(tmp_path)) == data.RandomSampler(train_data)
+    assert data.make_sampler(config, str(tmp_path), "neighbours") == data.NeighbourSampler(
+        train_data, index_path=neighbours.index_path(str(tmp_path), 12), index_size=12,
+        num_neighbours=3, neighbour_pool=5)
+    config.dataset.sampler = "nearest"
+    with pytest.raises(ConfigError, match="dataset.sampler must be one of .* 'nearest'"):
+        data.make_sampler(config, str(tmp_path))
+
+
+def test_data_package_does_not_import_jax():
+    """No module of jaxkd.data imports JAX (checked in the source, and by importing the package
+    where JAX cannot be imported: TensorFlow itself imports JAX when it can, optionally)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(data.__file__).parent
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(name.split(".")[0] in ("jax", "flax", "optax") for name in names), (
+                f"{module.name} imports {names}")
+    code = """
+import importlib.abc, sys
+class NoJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "jax":
+            raise ImportError("jax is blocked")
+sys.meta_path.insert(0, NoJax())
+import jaxkd.data
+assert "jax" not in sys.modules
+print("imported", len(jaxkd.data.__all__))
+"""
+    repo = str(package.parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=repo, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "imported" in result.stdout
+
+
 def test_eval_batches_digits_cover_each_example_once(digits_dir, digits_splits):
     images, labels = digits_splits["test"]
-    batches = list(data.eval_batches(DIGITS, data_dir=digits_dir, global_batch_size=64,
-                                     image_size=8))
+    batches = list(data.open_dataset(DIGITS, digits_dir).eval_batches(global_batch_size=64,
+                                                                      image_size=8))
     assert len(batches) == math.ceil(360 / 64)
     mask = np.concatenate([batch["mask"] for batch in batches])
     assert mask.dtype == np.float32 and mask.sum() == 360 and set(mask) == {0.0, 1.0}
@@ -217,11 +291,10 @@ def test_eval_batches_digits_cover_each_example_once(digits_dir, digits_splits):
 
 def test_eval_batches_uneven_processes_yield_equal_batch_counts(digits_dir):
     """360 over 7 processes: shares of 52 and 51; with 51 per batch all yield 2 batches."""
-    valid = []
+    valid, dataset = [], data.open_dataset(DIGITS, digits_dir)
     for process_index in range(7):
-        batches = list(data.eval_batches(DIGITS, data_dir=digits_dir, global_batch_size=7 * 51,
-                                         image_size=8, process_index=process_index,
-                                         process_count=7))
+        batches = list(dataset.eval_batches(global_batch_size=7 * 51, image_size=8,
+                                            process_index=process_index, process_count=7))
         assert len(batches) == 2
         assert all(batch["image"].shape == (51, 8, 8, 3) for batch in batches)
         valid.extend(np.concatenate([batch["index"][batch["mask"] == 1] for batch in batches]))
@@ -229,13 +302,14 @@ def test_eval_batches_uneven_processes_yield_equal_batch_counts(digits_dir):
 
 
 def test_mock_cifar100_train_and_eval(mock_cifar):
-    info = data.dataset_info("cifar100", mock_cifar)
+    dataset = data.open_dataset("cifar100", mock_cifar)
+    info = dataset.info
     assert (info.num_classes, info.num_train_examples, info.eval_split) == (
         100, MOCK_CIFAR_EXAMPLES, "test")
 
     def train(**kwargs):
         kwargs = {"global_batch_size": 16, "image_size": 40, "seed": 0, "augment": {}} | kwargs
-        return data.train_batches("cifar100", data_dir=mock_cifar, **kwargs)
+        return random_batches("cifar100", mock_cifar, **kwargs)
 
     batches = take(train(), 5)  # 3 steps per epoch: crosses an epoch boundary.
     for batch in batches:
@@ -245,9 +319,12 @@ def test_mock_cifar100_train_and_eval(mock_cifar):
         assert batch["index"].min() >= 0 and batch["index"].max() < MOCK_CIFAR_EXAMPLES
     assert_batches_equal(take(train(start_step=4), 1), batches[4:])  # Also determinism.
     assert not np.array_equal(next(train(seed=1))["index"], batches[0]["index"])
+    labels = dataset.train_labels()
+    assert labels.shape == (MOCK_CIFAR_EXAMPLES,) and labels.dtype == np.int32
+    for batch in batches:
+        np.testing.assert_array_equal(labels[batch["index"]], batch["label"])
 
-    evaluated = list(data.eval_batches("cifar100", data_dir=mock_cifar, global_batch_size=20,
-                                       image_size=32))
+    evaluated = list(dataset.eval_batches(global_batch_size=20, image_size=32))
     assert [batch["mask"].sum() for batch in evaluated] == [20, 20, 8]
     valid = np.concatenate([batch["index"][batch["mask"] == 1] for batch in evaluated])
     np.testing.assert_array_equal(np.sort(valid), np.arange(MOCK_CIFAR_EXAMPLES))
@@ -345,8 +422,7 @@ def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
                          ("imagenet2012", "ILSVRC2012_img_train.tar")):
         start = time.monotonic()
         with pytest.raises(data.DatasetNotAvailableError) as error:
-            data.train_batches(name, data_dir=str(tmp_path), global_batch_size=8,
-                               image_size=32, seed=0, augment=None)
+            data.open_dataset(name, str(tmp_path))
         assert time.monotonic() - start < 10.0  # TFDS's download retries take minutes.
         message = str(error.value)
         for part in (repr(name), str(tmp_path), needed, f"{tmp_path}/downloads/manual",

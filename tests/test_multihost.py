@@ -74,16 +74,16 @@ def _assert_close_to_scale(actual, expected):
 def _reference_run(config, mesh):
     """The same run in this process: global batch k = process 0's batch k, then process 1's."""
     ds = config.dataset
-    info = data.dataset_info(ds.name, data_dir=ds.data_dir)
+    dataset = data.open_dataset(ds.name, ds.data_dir)
+    info = dataset.info
     steps_per_epoch, total_steps = run_config.resolve_durations(config,
                                                                 info.num_train_examples)
     setup, teacher_variables = step.build(config, info.num_classes, steps_per_epoch,
                                           total_steps, mesh)
     train_step = step.jit_train_step(setup)
-    streams = [data.train_batches(ds.name, data_dir=ds.data_dir,
-                                  global_batch_size=config.batch_size, image_size=ds.image_size,
-                                  seed=config.seed, augment=config.augment,
-                                  process_index=i, process_count=2) for i in range(2)]
+    sampler = data.RandomSampler(data.TrainData.from_config(config))
+    streams = [sampler.batches(dataset, process_index=i, process_count=2,
+                               local_device_count=mesh.size // 2) for i in range(2)]
     state, losses = step.init_state(setup, config.seed), []
     for _ in range(STEPS):
         parts = [next(stream) for stream in streams]

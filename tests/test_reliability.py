@@ -60,7 +60,7 @@ from absl import app
 from jaxkd import main, train
 
 slow_from, delay = int(sys.argv.pop(1)), float(sys.argv.pop(1))
-real_batches = train.data.run_train_batches
+real_batches = train.data.RandomSampler.batches
 
 
 def slow_batches(*args, start_step=0, **kwargs):
@@ -71,7 +71,7 @@ def slow_batches(*args, start_step=0, **kwargs):
         yield batch
 
 
-train.data.run_train_batches = slow_batches
+train.data.RandomSampler.batches = slow_batches
 app.run(main.main)
 """
 
@@ -217,7 +217,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_resumes(config_file, refere
 
 
 def test_sigint_stops_after_the_current_step(config_file, tmp_path, monkeypatch):
-    real_batches = train.data.run_train_batches
+    real_batches = train.data.RandomSampler.batches
 
     def interrupted_at_third(*args, **kwargs):
         for step, batch in enumerate(real_batches(*args, **kwargs), 1):
@@ -225,7 +225,7 @@ def test_sigint_stops_after_the_current_step(config_file, tmp_path, monkeypatch)
                 os.kill(os.getpid(), signal.SIGINT)
             yield batch
 
-    monkeypatch.setattr(train.data, "run_train_batches", interrupted_at_third)
+    monkeypatch.setattr(train.data.RandomSampler, "batches", interrupted_at_third)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Preempted, match="stopped by SIGINT after step 3") as error:
         train.train_and_evaluate(_config(config_file), str(tmp_path))
@@ -318,7 +318,7 @@ def test_checkpoint_of_another_configuration_names_what_differs(config_file, tmp
 
 
 def _nan_batch_at(step_with_nan):
-    real_batches = train.data.run_train_batches
+    real_batches = train.data.RandomSampler.batches
 
     def batches(*args, start_step=0, **kwargs):
         for step, batch in enumerate(real_batches(*args, start_step=start_step, **kwargs),
@@ -335,7 +335,7 @@ def test_nonfinite_loss_stops_the_run_and_is_never_checkpointed(config_file, tmp
     config = _config(config_file)
     # No host sync at step 3; step 4 is the first one (a checkpoint step).
     config.log_every_steps, config.eval_every_steps = 5, STEPS
-    monkeypatch.setattr(train.data, "run_train_batches", _nan_batch_at(3))
+    monkeypatch.setattr(train.data.RandomSampler, "batches", _nan_batch_at(3))
     with pytest.raises(NonFiniteLossError) as error:
         train.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)
@@ -351,7 +351,7 @@ def test_skip_nonfinite_updates_leaves_the_state_as_it_was(config_file, tmp_path
     config = _config(config_file)
     config.skip_nonfinite_updates = True
     config.checkpoint_every_steps = 1  # keeps the states after steps 5 and 6
-    monkeypatch.setattr(train.data, "run_train_batches", _nan_batch_at(STEPS))
+    monkeypatch.setattr(train.data.RandomSampler, "batches", _nan_batch_at(STEPS))
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(config, str(tmp_path))
     assert "skipped 1 update(s) with a non-finite loss or gradient" in caplog.text

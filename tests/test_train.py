@@ -121,16 +121,16 @@ def test_resume_continues_from_checkpoint(tmp_path, digits_dir, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_batches = train.data.run_train_batches
+    real_batches = train.data.RandomSampler.batches
 
     def interrupted_after_three(*args, **kwargs):
         yield from itertools.islice(real_batches(*args, **kwargs), 3)
         raise Interrupted
 
-    monkeypatch.setattr(train.data, "run_train_batches", interrupted_after_three)
+    monkeypatch.setattr(train.data.RandomSampler, "batches", interrupted_after_three)
     with pytest.raises(Interrupted):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(train.data, "run_train_batches", real_batches)
+    monkeypatch.setattr(train.data.RandomSampler, "batches", real_batches)
     train.train_and_evaluate(config, str(tmp_path / "resumed"))  # resumes from step 2
     steps = [m["step"] for m in read_metrics(str(tmp_path / "resumed")) if "train/loss" in m]
     assert steps == [1, 2, 3, 3, 4]  # step 3 was lost with the crash and done again
@@ -235,8 +235,8 @@ def test_converted_timm_checkpoint_serves_as_teacher(tmp_path, digits_dir):
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     correct = total = 0
     timm_teacher.eval()
-    for batch in train.data.eval_batches("sklearn_digits", data_dir=digits_dir,
-                                         global_batch_size=64, image_size=16):
+    for batch in train.data.open_dataset("sklearn_digits", digits_dir).eval_batches(
+            global_batch_size=64, image_size=16):
         images = torch.from_numpy(((batch["image"] - mean) / std).astype(np.float32))
         with torch.no_grad():
             predictions = timm_teacher(images.permute(0, 3, 1, 2)).argmax(-1).numpy()

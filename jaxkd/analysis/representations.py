@@ -73,9 +73,9 @@ def collect_features(loaded: list[LoadedModel], dataset: str, *, image_size: int
     eval-split examples, all models on the same images."""
     forwards = [_feature_fn(m) for m in loaded]
     layers = collect_layers(lambda images: [x for f in forwards for x in f(images)],
-                            data.eval_batches(dataset, data_dir=data_dir,
-                                              global_batch_size=batch_size,
-                                              image_size=image_size), num_examples)
+                            data.open_dataset(dataset, data_dir).eval_batches(
+                                global_batch_size=batch_size, image_size=image_size),
+                            num_examples)
     n = len(LAYER_NAMES)
     return [layers[i * n:(i + 1) * n] for i in range(len(loaded))]
 

@@ -41,7 +41,6 @@ from jaxkd.errors import ConfigError
 PER_EXAMPLE_COLLECTION = "per_example"
 
 TEACHER_USES = ("none", "outputs", "rerun")
-SAMPLERS = ("random", "neighbours")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +113,13 @@ class Requirements:
     # then distill from a headless backbone (a self-supervised MoCo ResNet-50)
     teacher_logits: bool = True
     labels: bool = True  # reads batch['label']: False for unsupervised methods
-    sampler: str = "random"  # SAMPLERS: how train batches are drawn
+    sampler: str = "random"  # how train batches are drawn: one of jaxkd.data.SAMPLERS
     per_example: bool = False  # has a PER_EXAMPLE_COLLECTION
     train_labels: bool = False  # needs MethodContext.train_labels
 
     def __post_init__(self):
         if self.teacher not in TEACHER_USES:
             raise ValueError(f"teacher use must be one of {TEACHER_USES}, got {self.teacher!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
     @property
     def uses_teacher(self) -> bool:
