@@ -228,13 +228,12 @@ def test_make_sampler_reads_the_run_config(tmp_path):
     config.augment.scale_min = 0.35
     train_data = data.TrainData(global_batch_size=128, image_size=32, seed=0,
                                 augment=data.AugmentConfig(scale_min=0.35))
-    assert data.make_sampler(config, str(tmp_path)) == data.RandomSampler(train_data)
+    assert data.make_sampler(config, str(tmp_path), "random") == data.RandomSampler(train_data)
     assert data.make_sampler(config, str(tmp_path), "neighbours") == data.NeighbourSampler(
         train_data, index_path=neighbours.index_path(str(tmp_path), 12), index_size=12,
         num_neighbours=3, neighbour_pool=5)
-    config.dataset.sampler = "nearest"
     with pytest.raises(ConfigError, match="dataset.sampler must be one of .* 'nearest'"):
-        data.make_sampler(config, str(tmp_path))
+        data.make_sampler(config, str(tmp_path), "nearest")
 
 
 def test_data_package_does_not_import_jax():

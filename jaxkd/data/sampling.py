@@ -55,13 +55,12 @@ class Sampler(Protocol):
                 ) -> Iterator[dict[str, np.ndarray]]: ...
 
 
-def make_sampler(config, workdir: str, sampler: str | None = None) -> Sampler:
-    """A run config's sampler, `sampler` or else `config.dataset.sampler`: 'random'
-    (shuffled, augmented batches) or 'neighbours' (CoSS's anchor + neighbour groups, with
-    `config.dataset`'s group sizes, its index kept in `workdir`)."""
+def make_sampler(config, workdir: str, sampler: str) -> Sampler:
+    """The sampler named `sampler` (a run's `config.dataset.sampler`, or its method's) for a
+    run config: 'random' (shuffled, augmented batches) or 'neighbours' (CoSS's anchor +
+    neighbour groups, with `config.dataset`'s group sizes, its index kept in `workdir`)."""
     data = TrainData.from_config(config)
     ds = config.dataset
-    sampler = ds.sampler if sampler is None else sampler
     if sampler == "random":
         return RandomSampler(data)
     if sampler == "neighbours":
