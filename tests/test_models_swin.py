@@ -123,8 +123,10 @@ def test_missing_and_unknown_keys_are_listed(small):
 
 
 def test_pre_stage_hook_placement(small):
-    # Stage k's input is taken before its patch merging: the previous stage's output.
-    assert_pre_stage_hook_placement(small, (2, 8, 8, 16))  # the patch embedding, NHWC
+    # Stage k's input is taken after its patch merging, before its first block: where the
+    # original Swin (and timm 0.6.5) begins a stage, and where PAT's official code prompts.
+    assert_pre_stage_hook_placement(small, (2, 8, 8, 16),  # the patch embedding, NHWC
+                                    after_downsampling=True)
 
 
 def test_drop_path_only_in_training(small):

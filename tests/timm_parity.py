@@ -190,8 +190,10 @@ def apply_recording_stage_inputs(model, variables, images):
     return jax.jit(record_all)(variables, images)
 
 
-def assert_pre_stage_hook_placement(run, first_input_shape):
-    """Stage k's input is stage k-1's output; changing stage 2's input changes 2, 3, logits."""
+def assert_pre_stage_hook_placement(run, first_input_shape, *, after_downsampling=False):
+    """Stage k's input is stage k-1's output (with `after_downsampling`: the input of stage
+    k's first block, after its downsampling, shaped like stage k's output); changing stage 2's
+    input changes 2, 3, logits."""
     model, variables, images = run["model"], run["variables"], run["images"]
     logits, features = run["logits"], run["features"]
     (same_logits, _), seen = apply_recording_stage_inputs(model, variables, images)
@@ -199,7 +201,10 @@ def assert_pre_stage_hook_placement(run, first_input_shape):
     assert [i for i, _ in seen] == [0, 1, 2, 3]
     assert seen[0][1].shape == first_input_shape
     for index in (1, 2, 3):
-        np.testing.assert_array_equal(seen[index][1], features["stages"][index - 1])
+        if after_downsampling:
+            assert seen[index][1].shape == features["stages"][index].shape
+        else:
+            np.testing.assert_array_equal(seen[index][1], features["stages"][index - 1])
 
     def add_to_stage_2(index, x):  # not constant over channels, which LayerNorm would undo
         return x + jnp.linspace(0.0, 1.0, x.shape[-1]) if index == 2 else x
