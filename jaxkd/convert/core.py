@@ -38,10 +38,14 @@ class ConversionError(ValueError):
 
 
 def _family(name: str):
+    """The layout named by the model's `converter`: a module of jaxkd.convert, or
+    `module:attribute` for one of several layouts a module defines."""
     info = registry.model_info(name)
     if not info.converter:
         raise ConversionError(f"model {name!r} has no timm converter")
-    return importlib.import_module(f"jaxkd.convert.{info.converter}")
+    module, _, layout = info.converter.partition(":")
+    module = importlib.import_module(f"jaxkd.convert.{module}")
+    return getattr(module, layout) if layout else module
 
 
 def to_numpy(value: Any) -> np.ndarray:
