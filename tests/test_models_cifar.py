@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from jaxkd.checkpoint import load_model
 from jaxkd.convert import ConversionError, flax_to_timm, read_state_dict, timm_to_flax
 from jaxkd.convert.core import abstract_variables
 from jaxkd.errors import ConfigError
 from jaxkd.models import create_model, model_info
 
 from cifar_twins import NUM_CLASSES, TWINS, random_images, randomised_twin
+from helpers import load_script
 from timm_parity import (assert_close, assert_pre_stage_hook_placement, flat, max_diff,
                          parameter_count, scaled_tolerance)
 
@@ -204,3 +206,38 @@ def test_depth_overrides():
             create_model(name, **bad)
     with pytest.raises(ConfigError, match="bad overrides"):
         create_model("vgg8", depth=11)
+
+
+def test_convert_and_export_scripts_on_a_repdistiller_teacher(tmp_path, capsys):
+    """scripts/convert_timm.py makes a teacher export from a published-style file (a model
+    timm lacks: no timm check); scripts/export_timm.py writes tensors the twin loads strictly.
+    `--num-classes --reinit-head` and a checkpoint of another model are handled too."""
+    convert, export = load_script("convert_timm"), load_script("export_timm")
+    twin = randomised_twin("vgg13")
+    source = _published_checkpoint(tmp_path / "vgg13_best.pth", twin)
+    teacher = str(tmp_path / "teacher")
+    assert convert.main(["--model", "vgg13", "--checkpoint", source, "--out", teacher]) == 0
+    out = capsys.readouterr().out
+    assert "9,462,180 parameters, 100 classes" in out and "parity check skipped" in out
+    variables, meta = load_model(teacher)
+    assert (meta["model_name"], meta["num_classes"]) == ("vgg13", 100)
+    np.testing.assert_array_equal(variables["params"]["block3_conv1"]["kernel"],
+                                  twin.block3[3].weight.detach().numpy().transpose(2, 3, 1, 0))
+
+    exported = str(tmp_path / "vgg13.safetensors")
+    assert export.main(["--checkpoint", teacher, "--out", exported]) == 0
+    assert "strict-load check skipped" in capsys.readouterr().out
+    fresh = TWINS["vgg13"](NUM_CLASSES)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in read_state_dict(exported).items()},
+                          strict=True)
+    for key, value in twin.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy())
+
+    assert convert.main(["--model", "vgg13", "--checkpoint", source, "--out",
+                         str(tmp_path / "ten"), "--num-classes", "10", "--reinit-head"]) == 0
+    assert load_model(str(tmp_path / "ten"))[1]["num_classes"] == 10
+    assert convert.main(["--model", "vgg8", "--checkpoint", source, "--out",
+                         str(tmp_path / "wrong")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "block0.3.weight" in err and "Traceback" not in err

@@ -34,6 +34,7 @@ class Layout:
     head_key: str  # the classifier Linear in the state dict
     timm_key: Callable[[tuple[str, ...]], tuple[str, str]]
     HEAD_PREFIX: tuple[str, ...] = ("head",)
+    TIMM_TWIN: bool = False  # timm has no such model (its vgg13 is ImageNet's)
 
     def num_classes_of(self, state_dict: dict[str, np.ndarray]) -> int:
         weight = f"{self.head_key}.weight"

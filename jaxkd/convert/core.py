@@ -48,6 +48,13 @@ def _family(name: str):
     return getattr(module, layout) if layout else module
 
 
+def has_timm_twin(name: str) -> bool:
+    """Whether timm builds `name` with this very state-dict layout, so that timm can check a
+    conversion (false for layouts that declare `TIMM_TWIN = False`, such as CRD's CIFAR
+    models, whose names timm lacks or gives to other models)."""
+    return getattr(_family(name), "TIMM_TWIN", True)
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """numpy view of a numpy array or torch tensor, without importing torch."""
     if hasattr(value, "detach"):  # torch.Tensor
