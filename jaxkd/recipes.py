@@ -41,9 +41,6 @@ IMAGENET_PAIRS = (
     ("res50", "resmlp_s12"), ("convnext_t", "resmlp_s12"), ("swin_t", "resmlp_s12"),
 )
 
-CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR_STD = (0.2673, 0.2564, 0.2762)
-
 # Student family of each aliased model, so configs parse before the model zoo is imported.
 _FAMILY = {"res18": "cnn", "res34": "cnn", "res50": "cnn", "mbv2": "cnn", "convnext_t": "cnn",
            "deit_t": "vit", "vit_s": "vit", "vit_b": "vit", "swin_t": "vit", "swin_n": "vit",

@@ -4,8 +4,9 @@
         --dataset cifar100 --image-size 224 --num-examples 512 --out runs/rsd/cka
 
 Both models (jaxkd model exports) see the same held-out images, each normalised with its own
-mean/std; features are flattened per example. Writes cka.json ({"teacher_layers",
-"student_layers", "cka": [[...]] with teacher layers as rows}) and cka.png.
+mean/std; features are flattened per example. A model's layers are its stages (3 or 4) and its
+embedding. Writes cka.json ({"teacher_layers", "student_layers", "cka": [[...]] with teacher
+layers as rows}) and cka.png.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import sys
 
-from jaxkd.analysis.representations import LAYER_NAMES, cka_matrix, collect_features, load_export
+from jaxkd.analysis.representations import cka_matrix, collect_features, layer_names, load_export
 from jaxkd.errors import JaxkdError
 
 
@@ -33,7 +34,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def plot_heatmap(matrix, teacher_label: str, student_label: str, path: str) -> None:
+def plot_heatmap(matrix, teacher_layers, student_layers, teacher_label: str,
+                 student_label: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,8 +43,8 @@ def plot_heatmap(matrix, teacher_label: str, student_label: str, path: str) -> N
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
-    ax.set_xticks(range(len(LAYER_NAMES)), LAYER_NAMES, rotation=30)
-    ax.set_yticks(range(len(LAYER_NAMES)), LAYER_NAMES)
+    ax.set_xticks(range(len(student_layers)), student_layers, rotation=30)
+    ax.set_yticks(range(len(teacher_layers)), teacher_layers)
     ax.set_xlabel(f"student: {student_label}")
     ax.set_ylabel(f"teacher: {teacher_label}")
     for i in range(matrix.shape[0]):
@@ -66,13 +68,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     matrix = cka_matrix(*features)
+    teacher_layers, student_layers = (list(layer_names(len(f) - 1)) for f in features)
     os.makedirs(args.out, exist_ok=True)
     result = {"teacher": teacher.name, "student": student.name, "dataset": args.dataset,
-              "num_examples": len(features[0][0]), "teacher_layers": list(LAYER_NAMES),
-              "student_layers": list(LAYER_NAMES), "cka": matrix.tolist()}
+              "num_examples": len(features[0][0]), "teacher_layers": teacher_layers,
+              "student_layers": student_layers, "cka": matrix.tolist()}
     with open(os.path.join(args.out, "cka.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot_heatmap(matrix, teacher.name, student.name, os.path.join(args.out, "cka.png"))
+    plot_heatmap(matrix, teacher_layers, student_layers, teacher.name, student.name,
+                 os.path.join(args.out, "cka.png"))
     print(f"linear CKA on {result['num_examples']} examples written to {args.out}")
     return 0
 

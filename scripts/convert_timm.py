@@ -12,7 +12,9 @@ these is one error listing the unmatched keys on both sides.
 CIFAR-100 model), or none, and initialises a fresh classifier. `--overrides` builds the model
 with timm keyword overrides (e.g. '{"img_size": 32}'), recorded in the export. When timm is
 installed the converted model is checked against timm itself on a random batch (its logits, or
-the embedding of a model without classifier) before anything is written.
+the embedding of a model without classifier) before anything is written. CRD's 32 px CIFAR
+models (resnet8x4, wrn_40_2, vgg13, ...) read RepDistiller's `{'model': state_dict}` files;
+timm has no twin of them to check against.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import jax
 import numpy as np
 
 from jaxkd import checkpoint
-from jaxkd.convert import apply_converted, convert_checkpoint, flax_to_timm, read_state_dict
+from jaxkd.convert import (apply_converted, convert_checkpoint, converter_for, flax_to_timm,
+                           read_state_dict)
 from jaxkd.convert.core import input_hw
 from jaxkd.errors import JaxkdError, run_cli
 
@@ -74,8 +77,8 @@ def check_timm_parity(name: str, variables: dict, num_classes: int, overrides: d
     except ImportError:
         print("timm is not installed: parity check skipped")
         return
-    if not timm.is_model(name):
-        print(f"timm does not define {name}: parity check skipped")
+    if not timm.is_model(name) or not converter_for(name).timm_twin:
+        print(f"timm does not define {name} with this layout: parity check skipped")
         return
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **overrides)
     state_dict = flax_to_timm(name, variables)

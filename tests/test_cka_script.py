@@ -6,11 +6,12 @@ import os
 import numpy as np
 
 from jaxkd import data
-from jaxkd.analysis.representations import LAYER_NAMES, load_export
+from jaxkd.analysis.representations import layer_names, load_export
 
 from helpers import load_script, random_teacher, tiny_config
 
 RESNET_OVERRIDES = {"layers": (1, 1, 1, 1)}
+LAYER_NAMES = layer_names(4)  # DeiT's and ResNet's four stages, then the embedding
 
 
 def _numpy_cka(x, y):

@@ -12,8 +12,8 @@ from jaxkd.convert.core import abstract_variables
 from jaxkd.convert.timm_import import import_timm
 from jaxkd.models import create_model, model_info
 
-from timm_parity import (assert_parity, flat, max_diff, parameter_count, scaled_tolerance,
-                         timm_outputs)
+from timm_parity import (assert_parity, flat, max_diff, parameter_count,
+                         randomise_parameters_and_statistics, scaled_tolerance, timm_outputs)
 
 timm = import_timm()
 
@@ -45,32 +45,10 @@ def _stage_modules(name, model):
 
 
 def _perturbed_timm_model(name, size, num_classes=NUM_CLASSES, seed=0, **kw):
-    """A timm model whose every parameter and BN statistic is random (no zero/one inits).
-
-    BN statistics are first measured on a random batch, so activations keep a sane scale through
-    deep nets, then perturbed so each channel's mean/var is distinct from the batch's.
-    """
+    """A timm model whose every parameter and BN statistic is random (no zero/one inits)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, (p[0].numel()) ** -0.5)
-            elif pname.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            else:  # norm scales and ConvNeXt's layer scale gamma
-                p.uniform_(0.5, 1.5)
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for m in norms:
-            m.momentum = None  # cumulative average: running stats = this batch's stats
-            m.reset_running_stats()
-        model.train()
-        model(torch.randn(4, 3, size, size))
-        for m in norms:
-            m.momentum = 0.1
-            m.running_mean.add_(0.1 * torch.randn_like(m.running_mean) * m.running_var.sqrt())
-            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.5, 2.0))
-    return model.eval()
+    return randomise_parameters_and_statistics(model, size)
 
 
 def _random_images(size, batch, seed=0):

@@ -1,4 +1,5 @@
-"""Checks shared by the model-family tests: a perturbed timm model vs its converted Flax twin."""
+"""Checks shared by the model-family tests: a perturbed timm (or other PyTorch) model vs its
+converted Flax twin."""
 
 import flax
 import jax
@@ -27,6 +28,34 @@ def perturbed(model, seed=0):
                                                          generator=generator))
                 norm.running_var.mul_(0.5 + 1.5 * torch.rand(norm.running_var.shape,
                                                              generator=generator))
+    return model.eval()
+
+
+def randomise_parameters_and_statistics(model, size):
+    """Every parameter and BN statistic of a PyTorch model random (no zero/one inits), drawn
+    from torch's global generator; returns the model in eval mode.
+
+    BN statistics are first measured on a random batch, so activations keep a sane scale through
+    deep nets, then perturbed so each channel's mean/var is distinct from the batch's.
+    """
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, (p[0].numel()) ** -0.5)
+            elif pname.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:  # norm scales and ConvNeXt's layer scale gamma
+                p.uniform_(0.5, 1.5)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in norms:
+            m.momentum = None  # cumulative average: running stats = this batch's stats
+            m.reset_running_stats()
+        model.train()
+        model(torch.randn(4, 3, size, size))
+        for m in norms:
+            m.momentum = 0.1
+            m.running_mean.add_(0.1 * torch.randn_like(m.running_mean) * m.running_var.sqrt())
+            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.5, 2.0))
     return model.eval()
 
 
@@ -94,12 +123,13 @@ def run_both(name, torch_model, kw, stage_modules, size, batch=2):
 
 
 def assert_parity(run, feature_tolerance=absolute_tolerance):
-    """Logits within PARITY_TOLERANCE; embedding and the 4 stages within feature_tolerance."""
+    """Logits within PARITY_TOLERANCE; embedding and every expected stage (4 for timm models)
+    within feature_tolerance."""
     logits, embedding, stages = run["expected"]
     assert_close(run["logits"], logits, "logits")
     assert_close(run["features"]["embedding"], embedding, "embedding",
                  feature_tolerance(embedding))
-    assert len(run["features"]["stages"]) == 4
+    assert len(run["features"]["stages"]) == len(stages)
     for i, (ours, theirs) in enumerate(zip(run["features"]["stages"], stages)):
         assert_close(ours, theirs, f"stage {i}", feature_tolerance(theirs))
     # The perturbation must make the comparison meaningful (not ~zero logits).
@@ -176,8 +206,9 @@ def assert_keys_listed(run, kw, dropped, extra, mapping_line):
     assert extra in message
 
 
-def apply_recording_stage_inputs(model, variables, images):
-    """Jitted apply with an identity `pre_stage` that returns what it was given."""
+def apply_recording_stage_inputs(model, variables, images, compile=True):
+    """Apply (jitted unless `compile=False`) with an identity `pre_stage` that returns what it
+    was given."""
     def record_all(variables, images):
         seen = []
 
@@ -187,20 +218,24 @@ def apply_recording_stage_inputs(model, variables, images):
 
         return model.apply(variables, images, pre_stage=record), seen
 
-    return jax.jit(record_all)(variables, images)
+    return (jax.jit(record_all) if compile else record_all)(variables, images)
 
 
-def assert_pre_stage_hook_placement(run, first_input_shape, *, after_downsampling=False):
+def assert_pre_stage_hook_placement(run, first_input_shape, compile=True, *,
+                                    after_downsampling=False):
     """Stage k's input is stage k-1's output (with `after_downsampling`: the input of stage
     k's first block, after its downsampling, shaped like stage k's output); changing stage 2's
-    input changes 2, 3, logits."""
+    input changes stage 2 and every later one, and the logits. The run's outputs must come
+    from the same mode: with `compile=False` everything runs op by op, where the identity hook
+    is bit-exact whatever XLA would fuse around the values it records."""
     model, variables, images = run["model"], run["variables"], run["images"]
     logits, features = run["logits"], run["features"]
-    (same_logits, _), seen = apply_recording_stage_inputs(model, variables, images)
+    num_stages = len(features["stages"])
+    (same_logits, _), seen = apply_recording_stage_inputs(model, variables, images, compile)
     np.testing.assert_array_equal(same_logits, logits)
-    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    assert [i for i, _ in seen] == list(range(num_stages))
     assert seen[0][1].shape == first_input_shape
-    for index in (1, 2, 3):
+    for index in range(1, num_stages):
         if after_downsampling:
             assert seen[index][1].shape == features["stages"][index].shape
         else:
@@ -209,11 +244,13 @@ def assert_pre_stage_hook_placement(run, first_input_shape, *, after_downsamplin
     def add_to_stage_2(index, x):  # not constant over channels, which LayerNorm would undo
         return x + jnp.linspace(0.0, 1.0, x.shape[-1]) if index == 2 else x
 
-    shifted_logits, shifted = jax.jit(lambda v, x: model.apply(
-        v, x, pre_stage=add_to_stage_2))(variables, images)
+    shifted_apply = lambda v, x: model.apply(v, x, pre_stage=add_to_stage_2)  # noqa: E731
+    shifted_logits, shifted = (jax.jit(shifted_apply) if compile else shifted_apply)(
+        variables, images)
     for index in (0, 1):
         np.testing.assert_array_equal(shifted["stages"][index], features["stages"][index])
-    assert not np.allclose(shifted["stages"][2], features["stages"][2])
+    for index in range(2, num_stages):
+        assert not np.allclose(shifted["stages"][index], features["stages"][index])
     assert not np.allclose(shifted_logits, logits)
 
 

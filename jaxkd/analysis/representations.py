@@ -2,8 +2,10 @@
 
 Used by scripts/cka.py to draw the teacher-vs-student CKA heatmaps of the papers' figures, and
 by the trainer's optional CKA evaluation.
-Features are kept on the host, flattened per example: memory is num_examples x the largest
-stage's size (512 examples of a 224 px ResNet stage 1 are ~400 MB).
+A model's layers are its stages (four for the timm models, three or four for the 32 px CIFAR
+models) and its embedding, named by `layer_names`. Features are kept on the host, flattened per
+example: memory is num_examples x the largest stage's size (512 examples of a 224 px ResNet
+stage 1 are ~400 MB).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import numpy as np
 
 from jaxkd import checkpoint, data, models
 from jaxkd.analysis.cka import linear_cka
+from jaxkd.errors import ConfigError
 
-LAYER_NAMES = ("stage1", "stage2", "stage3", "stage4", "embedding")
+
+def layer_names(num_stages: int) -> tuple[str, ...]:
+    """Names of a model's layers in feature order: stage1..stageN, then the embedding."""
+    return (*(f"stage{i + 1}" for i in range(num_stages)), "embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,36 +54,36 @@ def _feature_fn(model: LoadedModel):
     return lambda images: features(model.variables, images)
 
 
-def collect_layers(forward, batches, num_examples: int) -> list[np.ndarray]:
-    """Per layer of `forward(images) -> [array per layer]`: float32 [n, D] of the first
-    n <= num_examples rows with mask 1 (padding rows dropped)."""
-    per_layer: list[list[np.ndarray]] = []
+def collect_layers(forward, batches, num_examples: int):
+    """`forward(images)` returns a pytree of [B, ...] arrays (e.g. a list of layers per model);
+    returns the same tree of float32 [n, D]: the first n <= num_examples rows with mask 1
+    (padding rows dropped), flattened per example."""
+    chunks, treedef = [], None
     seen = 0
     for batch in batches:
         keep = min(int(batch["mask"].sum()), num_examples - seen)
         if keep <= 0:
             break
-        values = forward(batch["image"])
-        per_layer = per_layer or [[] for _ in values]
-        for layer, value in zip(per_layer, values):
-            value = np.asarray(jax.device_get(value), np.float32)[:keep]
-            layer.append(value.reshape(keep, -1))
+        values, treedef = jax.tree.flatten(forward(batch["image"]))
+        chunks.append([np.asarray(jax.device_get(v), np.float32)[:keep].reshape(keep, -1)
+                       for v in values])
         seen += keep
-    return [np.concatenate(layer) for layer in per_layer]
+    if treedef is None:
+        raise ConfigError("no examples to compute features on: the split is empty or "
+                          "num_examples is 0")
+    return jax.tree.unflatten(treedef, [np.concatenate(layer) for layer in zip(*chunks)])
 
 
 def collect_features(loaded: list[LoadedModel], dataset: str, *, image_size: int,
                      num_examples: int, batch_size: int = 64, data_dir: str | None = None
                      ) -> list[list[np.ndarray]]:
-    """Per model, per layer of LAYER_NAMES: float32 [n, D] of the first n <= num_examples
-    eval-split examples, all models on the same images."""
+    """Per model, per layer (its `layer_names`): float32 [n, D] of the first
+    n <= num_examples eval-split examples, all models on the same images."""
     forwards = [_feature_fn(m) for m in loaded]
-    layers = collect_layers(lambda images: [x for f in forwards for x in f(images)],
-                            data.open_dataset(dataset, data_dir).eval_batches(
-                                global_batch_size=batch_size, image_size=image_size),
-                            num_examples)
-    n = len(LAYER_NAMES)
-    return [layers[i * n:(i + 1) * n] for i in range(len(loaded))]
+    return collect_layers(lambda images: [f(images) for f in forwards],
+                          data.open_dataset(dataset, data_dir).eval_batches(
+                              global_batch_size=batch_size, image_size=image_size),
+                          num_examples)
 
 
 def cka_matrix(features_a: list[np.ndarray], features_b: list[np.ndarray]) -> np.ndarray:

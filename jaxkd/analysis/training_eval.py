@@ -7,7 +7,7 @@ from typing import Callable
 
 from jaxkd.analysis import probe
 from jaxkd.analysis.cka import linear_cka
-from jaxkd.analysis.representations import LAYER_NAMES, collect_layers
+from jaxkd.analysis.representations import collect_layers, layer_names
 
 
 def knn_metrics(embed_fn: Callable, train_batches, eval_batches, num_classes: int, *,
@@ -21,11 +21,15 @@ def knn_metrics(embed_fn: Callable, train_batches, eval_batches, num_classes: in
 
 
 def cka_metrics(layers_fn: Callable, eval_batches, num_examples: int) -> dict:
-    """eval/cka_stage1..4 and eval/cka_embedding: linear CKA between the teacher's and the
+    """eval/cka_stage1..N and eval/cka_embedding: linear CKA between the teacher's and the
     student's layer of that name on the first `num_examples` eval examples.
-    `layers_fn(images) -> (student layers, teacher layers)`, each in LAYER_NAMES order."""
-    layers = collect_layers(lambda images: [x for side in layers_fn(images) for x in side],
-                            eval_batches, num_examples)
-    n = len(LAYER_NAMES)
-    return {f"eval/cka_{name}": float(linear_cka(layers[n + i], layers[i]))
-            for i, name in enumerate(LAYER_NAMES)}
+    `layers_fn(images) -> (student layers, teacher layers)`, each its stages then its
+    embedding. Stages pair up by index only when both models have as many stages; when the
+    counts differ (a 3-stage CIFAR ResNet and a 4-stage VGG) only eval/cka_embedding is
+    reported."""
+    student, teacher = collect_layers(lambda images: tuple(layers_fn(images)), eval_batches,
+                                      num_examples)
+    if len(student) != len(teacher):
+        return {"eval/cka_embedding": float(linear_cka(teacher[-1], student[-1]))}
+    return {f"eval/cka_{name}": float(linear_cka(t, s))
+            for name, s, t in zip(layer_names(len(student) - 1), student, teacher)}

@@ -51,6 +51,9 @@ class Converter:
     # Layouts besides timm's own that checkpoints of these models come in.
     layouts: tuple[Layout, ...] = ()
     head: tuple[str, ...] = ("head",)  # the classifier's Flax module path
+    # Whether timm builds these models with this very key layout, so that timm can check a
+    # conversion (not CRD's CIFAR models: timm lacks them, or its vgg13 is ImageNet's).
+    timm_twin: bool = True
 
     @property
     def head_key(self) -> str:

@@ -86,12 +86,14 @@ class FitNet(Method):
     @classmethod
     def derive(cls, config, student, teacher, ctx):
         stages = tuple(int(s) for s in config["stages"])
-        if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3, 4}:
-            raise ConfigError(f"FitNet stages must be distinct values in 1-4, got {stages}")
+        if not stages or len(set(stages)) != len(stages):
+            raise ConfigError(f"FitNet stages must be distinct stage numbers, got {stages}")
         for spec in (student, teacher):
-            if len(spec.stage_shapes) != 4:
-                raise ConfigError(f"model {spec.name!r} has {len(spec.stage_shapes)} stage "
-                                  "features; FitNet needs 4")
+            count = len(spec.stage_shapes)
+            if not set(stages) <= set(range(1, count + 1)):
+                raise ConfigError(f"FitNet stages {stages}: model {spec.name!r} has {count} "
+                                  f"stage features (stages 1-{count}); set method.stages to "
+                                  "stages both models have")
         return {**super().derive(config, student, teacher, ctx),
                 "alignments": tuple(stage_alignment(student.stage_shapes[s - 1],
                                                     teacher.stage_shapes[s - 1])

@@ -1,5 +1,6 @@
-"""PAT (Lin et al. 2025): region-aware attention (RAA) over the student's four stages, and
-adaptive feedback prompts (AFP) inside the frozen teacher.
+"""PAT (Lin et al. 2025): region-aware attention (RAA) over the student's stages (four in the
+paper; any number, equal to the teacher's), and adaptive feedback prompts (AFP) inside the
+frozen teacher.
 
 Total (all weights 1, REFERENCE.md section 1):
 
@@ -46,6 +47,7 @@ import numpy as np
 from jaxkd import losses
 from jaxkd.distill.base import PER_EXAMPLE_COLLECTION, Method, Term, derived, register_method
 from jaxkd.distill.ofa import token_layout
+from jaxkd.errors import ConfigError
 from jaxkd.models.resnet import batch_norm, conv2d
 
 RAA_GRID = 4  # each stage becomes RAA_GRID x RAA_GRID = 16 tokens
@@ -234,6 +236,10 @@ class PAT(Method):
 
     @classmethod
     def derive(cls, config, student, teacher, ctx):
+        if len(student.stage_shapes) != len(teacher.stage_shapes):
+            raise ConfigError(f"PAT aligns student stage k with teacher stage k: student "
+                              f"{student.name!r} has {len(student.stage_shapes)} stages, "
+                              f"teacher {teacher.name!r} {len(teacher.stage_shapes)}")
         return {**super().derive(config, student, teacher, ctx),
                 "teacher_stage_shapes": teacher.stage_shapes,
                 "teacher_token_stages": teacher.token_stages}

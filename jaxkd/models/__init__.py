@@ -1,6 +1,8 @@
-"""Flax models with timm names; importing this package registers every family."""
+"""Flax models with timm names (and CRD's names for its 32 px CIFAR models); importing this
+package registers every family."""
 
-from jaxkd.models import convnext, mlp, mobilenetv2, resnet, swin, vit  # noqa: F401  (register)
+from jaxkd.models import (  # noqa: F401  (register)
+    cifar_resnet, convnext, mlp, mobilenetv2, resnet, swin, vgg, vit, wrn)
 from jaxkd.models.registry import (ModelInfo, UnknownModelError, create_model, list_models,
                                    model_info, register_model)
 

@@ -3,7 +3,8 @@
 Every model's `apply(variables, images, train=...)` takes NHWC images that are already
 normalised with the model's own mean/std and returns `(logits, features)`, where
 `features['embedding']` is the pre-logits vector [B, D] and `features['stages']` the list of
-the four stage outputs (NHWC maps for CNNs and Swin, [B, L, C] token sequences otherwise).
+the stage outputs (NHWC maps for CNNs and Swin, [B, L, C] token sequences otherwise): four for
+the timm models, three or four for the 32 px CIFAR models of CRD's code base.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+# CIFAR-100's channel statistics as CRD's code base (RepDistiller) normalises with them.
+CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR_STD = (0.2673, 0.2564, 0.2762)
 
 FAMILIES = ("cnn", "vit", "mlp")
 

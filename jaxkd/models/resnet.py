@@ -61,12 +61,14 @@ _kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; the last BN starts at zero (timm's zero_init_last)."""
+    """Two 3x3 convs; the last BN starts at zero (timm's zero_init_last) unless
+    `zero_init_last=False` (the CIFAR ResNets of jaxkd.models.cifar_resnet start it at one)."""
 
     planes: int
     stride: int
     downsample: bool
     drop_path_rate: float = 0.0
+    zero_init_last: bool = True
     dtype: Any = jnp.float32
 
     expansion = 1
@@ -77,7 +79,7 @@ class BasicBlock(nn.Module):
         y = conv2d(self.planes, 3, self.stride, name="conv1", **conv)(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
         y = conv2d(self.planes, 3, name="conv2", **conv)(y)
-        y = batch_norm(train, zero_scale=True, dtype=self.dtype, name="bn2")(y)
+        y = batch_norm(train, zero_scale=self.zero_init_last, dtype=self.dtype, name="bn2")(y)
         y = drop_path(self, y, self.drop_path_rate, train)
         if self.downsample:
             x = conv2d(self.planes, 1, self.stride, name="downsample_conv", **conv)(x)
