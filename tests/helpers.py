@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import checkpoint, distill, models, recipes
 
@@ -69,3 +70,24 @@ def apply_method(method, variables, student, teacher, batch, *, teacher_forward=
         terms, state = out
         return distill.total_loss(terms), state
     return distill.total_loss(out)
+
+
+def model_spec(name, family, num_classes, embed_dim, stage_shapes):
+    """A distill.ModelSpec written out (family "cnn": maps, otherwise tokens)."""
+    return distill.ModelSpec(name=name, num_classes=num_classes, embed_dim=embed_dim,
+                             stage_shapes=tuple(map(tuple, stage_shapes)),
+                             token_stages=family != "cnn")
+
+
+def random_outputs(spec, seed, batch=8):
+    """Random (logits, features) shaped as `spec`'s model returns them."""
+    rng = np.random.RandomState(seed)
+    normal = lambda *shape: jnp.asarray(rng.randn(batch, *shape), jnp.float32)  # noqa: E731
+    return (normal(spec.num_classes), {"embedding": normal(spec.embed_dim),
+                                       "stages": [normal(*s) for s in spec.stage_shapes]})
+
+
+def method_batch(num_classes, batch=8):
+    """A method's batch without images: labels and train-split indices."""
+    return {"label": jnp.arange(batch, dtype=jnp.int32) % num_classes,
+            "index": jnp.arange(batch, dtype=jnp.int32) * 3}
