@@ -50,8 +50,7 @@ def _run(method, variables, s, t, batch, train=True):
 
 def _grid(feature):
     """Tokens [B, 1 + 16, C] -> [B, 4, 4, C]; maps as they are (written out for the test)."""
-    feature = np.asarray(feature)
-    return feature if feature.ndim == 4 else feature[:, 1:].reshape(len(feature), 4, 4, -1)
+    return feature if feature.ndim == 4 else feature[:, 1:].reshape(feature.shape[0], 4, 4, -1)
 
 
 def _apply(method, variables, s, t, batch=None):
@@ -134,6 +133,7 @@ def test_ft_pretrains_the_paraphraser_then_freezes_it_for_the_transfer():
     variables = _init(method)
     s, t = _views()
     rng = np.random.RandomState(0)
+    expected = jax.jit(lambda *args: _ft_expected(method, *args))
     encoders = []
     for step in range(1, 5):
         # Stands in for the optimiser: the paraphraser's parameters move every step.
@@ -144,8 +144,8 @@ def test_ft_pretrains_the_paraphraser_then_freezes_it_for_the_transfer():
         terms, state = _run(method, variables, s, t, method_batch(10))
         pretraining = step <= 2
         # The first main step (3) reads the encoder as the last pre-training step left it.
-        reconstruction, ft = _ft_expected(method, variables, s, t,
-                                          encoders[min(step, 3) - 1])
+        reconstruction, ft = expected(variables, s, t._replace(head=None),
+                                      encoders[min(step, 3) - 1])
         weights = [terms[k].weight for k in ("ce", "ft", "ft_reconstruction")]
         np.testing.assert_allclose(weights, [0.0, 0.0, 0.2] if pretraining else
                                    [1.0, 10.0, 0.0])
@@ -296,7 +296,35 @@ def test_unsupervised_variants_refuse_label_or_logit_settings():
     assert distill.method_config("crd_unsup").negatives == "uniform"
 
 
-# --- refusals ------------------------------------------------------------------------------
+# --- defaults and refusals -----------------------------------------------------------------
+
+# The original codes' defaults: RepDistiller's scripts (betas) and criteria, the OFA-KD code's
+# CC and RKD arguments, SimKD's SRRL, SEED's options.
+DEFAULTS = {
+    "at": {"at_weight": 1000.0, "p": 2.0},
+    "nst": {"nst_weight": 50.0},
+    "vid": {"vid_weight": 1.0, "init_variance": 5.0},
+    "ft": {"ft_weight": 200.0, "factor_rate": 0.5, "p1": 2.0, "p2": 1.0,
+           "paraphraser_epochs": 30.0},
+    "sp": {"sp_weight": 3000.0},
+    "rkd": {"rkd_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0,
+            "squared": False, "eps": 1e-12},
+    "pkt": {"pkt_weight": 30000.0},
+    "cc": {"cc_weight": 0.02, "feat_dim": 128},
+    "srrl": {"feature_weight": 1.0, "logits_weight": 1.0},
+    "seed": {"queue_size": 65536, "student_temp": 0.2, "teacher_temp": 1e-4, "ss_weight": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_defaults_are_the_original_codes(name):
+    config = distill.method_config(name)
+    assert {k: config[k] for k in DEFAULTS[name]} == DEFAULTS[name]
+    if name != "seed":
+        unsupervised = distill.method_config(f"{name}_unsup")
+        assert unsupervised.loss_scale == 1.0
+        assert {k: unsupervised[k] for k in DEFAULTS[name]} == DEFAULTS[name]
+
 
 @pytest.mark.parametrize("name,fields,match", [
     ("at", {}, "not a square"),
