@@ -60,12 +60,11 @@ def _adaptive_pool_matrix(in_size, out_size):
     return jnp.asarray(matrix)
 
 
-def adaptive_avg_pool(feature, height, width=None):
-    """torch's adaptive_avg_pool2d of an NHWC map to height x width (square by default)."""
-    _, in_height, in_width, _ = feature.shape
-    width = height if width is None else width
-    return jnp.einsum("ih,jw,bhwc->bijc", _adaptive_pool_matrix(in_height, height),
-                      _adaptive_pool_matrix(in_width, width), feature,
+def adaptive_avg_pool(feature, size):
+    """torch's adaptive_avg_pool2d of an NHWC map to size x size."""
+    _, height, width, _ = feature.shape
+    return jnp.einsum("ih,jw,bhwc->bijc", _adaptive_pool_matrix(height, size),
+                      _adaptive_pool_matrix(width, size), feature,
                       precision=jax.lax.Precision.HIGHEST)
 
 
