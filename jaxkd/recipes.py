@@ -208,12 +208,13 @@ def _setting(name: str):
     return SETTINGS[name]
 
 
-def distillation_config(setting: str, arg: str, method: str, **method_fields
+def distillation_config(setting: str, arg: str, method: str, *, pairs=None, **method_fields
                         ) -> ml_collections.ConfigDict:
     """The config of `method` (with `method_fields`) for the 'teacher,student' pair `arg` of
-    `setting` ('cifar' or 'imagenet'), with that setting's recipe for the student."""
-    pairs, recipe = _setting(setting)
-    teacher, student = parse_pair(arg, pairs)
+    `setting` ('cifar' or 'imagenet'; or of `pairs` when given), with that setting's recipe
+    for the student."""
+    setting_pairs, recipe = _setting(setting)
+    teacher, student = parse_pair(arg, setting_pairs if pairs is None else pairs)
     config = base_config()
     recipe(config, student)
     config.student.name = student
@@ -263,4 +264,55 @@ def scratch_config(setting: str, arg: str) -> ml_collections.ConfigDict:
     config = base_config()
     recipe(config, student)
     config.student.name = student
+    return config
+
+
+# --- CIFAR-100 at 32 px with CRD's recipe ------------------------------------------------------
+
+# The teacher,student pairs of the CoSS supplement's CIFAR-100 tables (CRD's CIFAR models,
+# registry names).
+COSS_CIFAR_PAIRS = (("resnet56", "resnet20"), ("vgg13", "vgg8"), ("resnet32x4", "resnet8x4"),
+                    ("wrn_40_2", "wrn_16_2"))
+CIFAR32_EPOCHS = 240
+CIFAR32_DECAY_EPOCHS = (150, 180, 210)
+# CoSS's unsupervised runs (URepDistiller's train_unsupervised_student.py) keep CRD's recipe
+# but for its default batch of 128.
+UNSUPERVISED_CIFAR32_BATCH = 128
+
+
+def cifar32_recipe(config: ml_collections.ConfigDict, *, batch_size: int = 64,
+                   extra_epochs: float = 0.0) -> None:
+    """CRD's CIFAR-100 recipe (RepDistiller's train_student.py): 32 px, 240 epochs, batch 64,
+    SGD lr 0.05 momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 150, 180 and 210, no warmup,
+    no label smoothing (its students MobileNetV2/ShuffleNets use lr 0.01; none here).
+    `extra_epochs` run first and shift the schedule (FT's paraphraser pre-training).
+
+    Augmentation: the original's RandomCrop(32, padding=4) has no jaxkd.data equivalent yet;
+    the images are flipped only (random_resized_crop is off: its 0.08-1 crops are not that
+    transform). The weight decay spares biases and BN parameters (jaxkd.optim); PyTorch's SGD
+    decays them too.
+    """
+    config.dataset.update(name="cifar100", image_size=32)
+    config.batch_size = batch_size
+    config.num_epochs = CIFAR32_EPOCHS + extra_epochs
+    config.label_smoothing = 0.0
+    config.optimizer.update(name="sgd", lr=0.05, momentum=0.9, nesterov=False,
+                            weight_decay=5e-4, schedule="step", warmup_epochs=0.0,
+                            decay_epochs=tuple(e + extra_epochs for e in CIFAR32_DECAY_EPOCHS),
+                            decay_factor=0.1)
+    config.augment.update(random_resized_crop=False, flip=True)
+    config.log_every_steps = 100
+    config.eval_every_steps = 5000
+    config.checkpoint_every_steps = 5000
+
+
+def cifar32_config(arg: str, pairs, method: str, *, batch_size: int = 64,
+                   extra_epochs: float = 0.0, **method_fields) -> ml_collections.ConfigDict:
+    """`method` for the 'teacher,student' pair `arg` (registry names) of `pairs` with
+    cifar32_recipe."""
+    teacher, student = parse_pair(arg, pairs)
+    config = base_config()
+    cifar32_recipe(config, batch_size=batch_size, extra_epochs=extra_epochs)
+    config.teacher.name, config.student.name = teacher, student
+    config.method = distill.method_config(method, **method_fields)
     return config

@@ -63,7 +63,8 @@ def build(config, num_classes: int, steps_per_epoch: int, total_steps: int, mesh
     teacher, teacher_variables, teacher_shardings = None, None, None
     if requires.uses_teacher:
         teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype,
-                                             needs_logits=requires.teacher_logits)
+                                             needs_logits=requires.teacher_logits
+                                             or requires.teacher_head)
         teacher_shardings = sharding.tree_shardings(
             teacher_vars, mesh, sharding.check_strategy(
                 config.get("teacher_sharding", "data"), "teacher_sharding"))
@@ -110,7 +111,9 @@ def _init(setup: Setup, rng, images) -> TrainState:
         outputs = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), outputs)
         rerun = (functools.partial(teacher_forward, setup, zeros, images)
                  if setup.requires.teacher == "rerun" else None)
-        teacher = distill.TeacherView(*outputs, rerun=rerun)
+        head = (functools.partial(teacher_head, setup, zeros)
+                if setup.requires.teacher_head else None)
+        teacher = distill.TeacherView(*outputs, rerun=rerun, head=head)
     method_vars = setup.method.init(rng_method, student, teacher, batch, train=False)
     s_params, s_state = _split_params(student_vars)
     m_params, m_state = _split_params(method_vars)
@@ -177,15 +180,27 @@ def teacher_forward(setup: Setup, teacher_variables, images, pre_stage=None):
                                       **({} if pre_stage is None else {"pre_stage": pre_stage}))
 
 
+def teacher_head(setup: Setup, teacher_variables, embedding):
+    """The frozen teacher's classifier on [B, D_t] inputs: every model's logits are its Dense
+    'head' of features['embedding']."""
+    head = jax.lax.stop_gradient(sharding.gathered(teacher_variables["params"]["head"],
+                                                   setup.mesh))
+    return (jnp.matmul(embedding, head["kernel"].astype(embedding.dtype))
+            + head["bias"].astype(embedding.dtype))
+
+
 def teacher_view(setup: Setup, teacher_variables, images) -> distill.TeacherView | None:
     """What the method sees of the teacher: its outputs, plus `rerun(pre_stage)` for methods
-    that declared teacher='rerun'."""
+    that declared teacher='rerun' and `head(x)` for those that declared teacher_head."""
     if setup.teacher is None:
         return None
-    rerun = None
+    rerun, head = None, None
     if setup.requires.teacher == "rerun":
         rerun = functools.partial(teacher_forward, setup, teacher_variables, images)
-    return distill.TeacherView(*teacher_forward(setup, teacher_variables, images), rerun=rerun)
+    if setup.requires.teacher_head:
+        head = functools.partial(teacher_head, setup, teacher_variables)
+    return distill.TeacherView(*teacher_forward(setup, teacher_variables, images), rerun=rerun,
+                               head=head)
 
 
 def student_forward(setup: Setup, params, student_state, images):

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import checkpoint, data, distill, models, recipes
 
@@ -79,3 +80,24 @@ def random_batches(name: str, data_dir: str, *, global_batch_size: int, image_si
     augment = None if augment is None else data.AugmentConfig.from_config(augment)
     sampler = data.RandomSampler(data.TrainData(global_batch_size, image_size, seed, augment))
     return sampler.batches(dataset, **batches_kwargs)
+
+
+def model_spec(name, family, num_classes, embed_dim, stage_shapes):
+    """A distill.ModelSpec written out (family "cnn": maps, otherwise tokens)."""
+    return distill.ModelSpec(name=name, num_classes=num_classes, embed_dim=embed_dim,
+                             stage_shapes=tuple(map(tuple, stage_shapes)),
+                             token_stages=family != "cnn")
+
+
+def random_outputs(spec, seed, batch=8):
+    """Random (logits, features) shaped as `spec`'s model returns them."""
+    rng = np.random.RandomState(seed)
+    normal = lambda *shape: jnp.asarray(rng.randn(batch, *shape), jnp.float32)  # noqa: E731
+    return (normal(spec.num_classes), {"embedding": normal(spec.embed_dim),
+                                       "stages": [normal(*s) for s in spec.stage_shapes]})
+
+
+def method_batch(num_classes, batch=8):
+    """A method's batch without images: labels and train-split indices."""
+    return {"label": jnp.arange(batch, dtype=jnp.int32) % num_classes,
+            "index": jnp.arange(batch, dtype=jnp.int32) * 3}

@@ -11,7 +11,7 @@ from jaxkd.data import augment as augment_lib
 from jaxkd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("kd", "dkd", "dist", "fitnet", "crd", "ofa", "pat", "rsd")
+METHODS = ("kd", "dkd", "dist", "fitnet", "crd", "ofa", "pat", "rsd", "cc", "rkd")
 SETTINGS = {"cifar": recipes.CIFAR_PAIRS, "imagenet": recipes.IMAGENET_PAIRS}
 
 

@@ -18,6 +18,9 @@ from jaxkd.errors import ConfigError
 from jaxkd.metric_writer import read_metrics
 
 from helpers import apply_method, random_teacher, tiny_config
+from helpers import method_batch as _batch
+from helpers import model_spec as _spec
+from helpers import random_outputs as _outputs
 
 TRAIN_LABELS = np.arange(50) % 10  # CRD's other-class negatives read them
 CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_examples=50,
@@ -25,27 +28,8 @@ CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_exampl
 BATCH = 8
 
 
-def _spec(name, family, num_classes, embed_dim, stage_shapes):
-    return distill.ModelSpec(name=name, num_classes=num_classes, embed_dim=embed_dim,
-                             stage_shapes=tuple(map(tuple, stage_shapes)),
-                             token_stages=family != "cnn")
-
-
 def _maps(channels, side=56):
     return [(side >> i, side >> i, c) for i, c in enumerate(channels)]
-
-
-def _outputs(spec, seed, batch=BATCH):
-    """Random (logits, features) shaped as `spec`'s model returns them."""
-    rng = np.random.RandomState(seed)
-    normal = lambda *shape: jnp.asarray(rng.randn(batch, *shape), jnp.float32)
-    return (normal(spec.num_classes), {"embedding": normal(spec.embed_dim),
-                                       "stages": [normal(*s) for s in spec.stage_shapes]})
-
-
-def _batch(num_classes, batch=BATCH):
-    return {"label": jnp.arange(batch, dtype=jnp.int32) % num_classes,
-            "index": jnp.arange(batch, dtype=jnp.int32) * 3}
 
 
 def _method(name, student, teacher, ctx=CTX, **fields):

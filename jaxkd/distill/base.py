@@ -80,11 +80,15 @@ class Outputs(NamedTuple):
 class TeacherView(NamedTuple):
     """The frozen teacher's outputs on the batch. For methods that declare teacher='rerun',
     `rerun(pre_stage)` runs the teacher again with the models' `pre_stage(i, x)` hook: the
-    teacher's weights are under stop_gradient, what the hook adds is trained."""
+    teacher's weights are under stop_gradient, what the hook adds is trained. For methods that
+    declare teacher_head=True, `head(x)` applies the teacher's classifier (every model's
+    logits are its Dense 'head' of features['embedding']) to any [B, D_t] input: its weights
+    under stop_gradient, its input differentiable."""
 
     logits: Any
     features: Any
     rerun: Callable | None = None
+    head: Callable | None = None
 
 
 class Term(NamedTuple):
@@ -116,14 +120,26 @@ class Requirements:
     sampler: str = "random"  # how train batches are drawn: one of jaxkd.data.SAMPLERS
     per_example: bool = False  # has a PER_EXAMPLE_COLLECTION
     train_labels: bool = False  # needs MethodContext.train_labels
+    teacher_head: bool = False  # needs TeacherView.head
 
     def __post_init__(self):
         if self.teacher not in TEACHER_USES:
             raise ValueError(f"teacher use must be one of {TEACHER_USES}, got {self.teacher!r}")
+        if self.teacher_head and self.teacher == "none":
+            raise ValueError("teacher_head=True needs a teacher")
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
+
+
+def batch_groups(stats_groups: int, ctx: MethodContext) -> int:
+    """Groups of the batch for per-group batch statistics: `stats_groups`, or one per device
+    when it is 0 (the official codes' per-GPU statistics)."""
+    if stats_groups < 0:
+        raise ConfigError(f"stats_groups must be >= 0 (0: one group per device), got "
+                          f"{stats_groups}")
+    return ctx.num_devices if stats_groups == 0 else stats_groups
 
 
 def derived(default=None):

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.distill.base import Method, Term, derived, register_method
+from jaxkd.distill.base import Term, derived
+from jaxkd.distill.feature import FeatureMethod, register_feature_method
 from jaxkd.errors import ConfigError
 from jaxkd.models.resnet import torch_linear_init
 
@@ -112,8 +113,9 @@ class ContrastIndices(nn.Module):
         return jnp.concatenate([index[:, None], negatives], axis=1)
 
 
-@register_method("crd", train_labels=True)
-class CRD(Method):
+@register_feature_method("crd", unsupervised_defaults={"negatives": "uniform"},
+                         train_labels=True)
+class CRD(FeatureMethod):
     feat_dim: int = 128
     num_negatives: int = 16384
     temperature: float = 0.07
@@ -129,6 +131,9 @@ class CRD(Method):
         if config["negatives"] not in NEGATIVES:
             raise ConfigError(f"crd negatives must be one of {NEGATIVES}, got "
                               f"{config['negatives']!r}")
+        if cls.unsupervised and config["negatives"] != "uniform":
+            raise ConfigError("crd_unsup reads no labels: its negatives are drawn uniformly "
+                              "(negatives='uniform')")
         if ctx.num_train_examples < 1:
             raise ConfigError("CRD keeps a memory bank row per train example: the trainer must "
                               "pass MethodContext.num_train_examples")
@@ -171,8 +176,7 @@ class CRD(Method):
                 (1.0 - self.momentum) * jax.lax.stop_gradient(anchor))
         bank.value = bank.value.at[index].set(_l2_normalize(rows))
 
-    @nn.compact
-    def __call__(self, student, teacher, batch, *, train: bool):
+    def distill_terms(self, student, teacher, batch, *, train: bool):
         f_s = Embed(self.feat_dim, name="embed_student")(student.features["embedding"])
         f_t = Embed(self.feat_dim, name="embed_teacher")(teacher.features["embedding"])
         bank_s, bank_t = self._bank("student"), self._bank("teacher")
@@ -188,6 +192,5 @@ class CRD(Method):
             z_s.value, z_t.value = z_s_value, z_t_value
             self._update(bank_s, index, f_s)
             self._update(bank_t, index, f_t)
-        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
-                "crd": Term(self.kd_weight, nce_s + nce_t),
+        return {"crd": Term(self.kd_weight, nce_s + nce_t),
                 "crd_student": Term(None, nce_s), "crd_teacher": Term(None, nce_t)}

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.distill import ofa
-from jaxkd.distill.base import Method, Term, derived, register_method
+from jaxkd.distill.base import Term, batch_groups, derived, register_method
+from jaxkd.distill.feature import FeatureMethod, register_feature_method
 from jaxkd.errors import ConfigError
 
 _trunc_normal = nn.initializers.truncated_normal(0.02)
@@ -38,8 +39,8 @@ class AAD(nn.Module):
 _TARGETS = ("embedding", "logits")
 
 
-@register_method("rsd")
-class RSD(Method):
+@register_feature_method("rsd")
+class RSD(FeatureMethod):
     expansion: float = 2.0
     rsd_weight: float = 0.1
     kappa: float = 0.01
@@ -56,14 +57,15 @@ class RSD(Method):
         target = config["target"]
         if target not in _TARGETS:
             raise ConfigError(f"rsd target must be one of {_TARGETS}, got {target!r}")
+        if cls.unsupervised and target != "embedding":
+            raise ConfigError("rsd_unsup uses no logits: its target must be 'embedding'")
         student_dim, teacher_dim = ((student.embed_dim, teacher.embed_dim)
                                     if target == "embedding"
                                     else (student.num_classes, teacher.num_classes))
-        stats_groups = config["stats_groups"]
         return {**super().derive(config, student, teacher, ctx),
                 "hidden_dim": int(round(config["expansion"] * student_dim)),
                 "teacher_dim": teacher_dim,
-                "num_groups": ctx.num_devices if stats_groups == 0 else stats_groups}
+                "num_groups": batch_groups(config["stats_groups"], ctx)}
 
     def rsd_term(self, student, teacher, *, train: bool) -> Term:
         student_vector, teacher_vector = (
@@ -75,10 +77,9 @@ class RSD(Method):
             projected, teacher_vector, self.num_groups, kappa=self.kappa,
             distance=self.distance, normalize=self.normalize))
 
-    @nn.compact
-    def __call__(self, student, teacher, batch, *, train: bool):
-        return {"ce": Term(1.0, self.supervised_loss(student.logits, batch["label"])),
-                "rsd": self.rsd_term(student, teacher, train=train)}
+    def distill_terms(self, student, teacher, batch, *, train: bool):
+        del batch
+        return {"rsd": self.rsd_term(student, teacher, train=train)}
 
 
 @register_method("rsd_ofa")

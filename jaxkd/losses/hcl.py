@@ -1,30 +1,10 @@
 """PAT's hierarchical context loss (HCL): MSE at full resolution and on pooled pyramids."""
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxkd.losses._common import as_float32, check_same_shape
+from jaxkd.losses._common import adaptive_avg_pool, as_float32, check_same_shape
 
 _POOL_SIZES = (4, 2, 1)
-
-
-def _adaptive_pool_matrix(in_size, out_size):
-    """[out, in] averaging matrix; bins [floor(i*n/o), ceil((i+1)*n/o)) as torch's adaptive pool."""
-    matrix = np.zeros((out_size, in_size), np.float32)
-    for i in range(out_size):
-        start = (i * in_size) // out_size
-        end = -((-(i + 1) * in_size) // out_size)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return jnp.asarray(matrix)
-
-
-def _adaptive_avg_pool(feature, size):
-    """Adaptive average pooling of an NHWC map to size x size (torch semantics)."""
-    _, height, width, _ = feature.shape
-    return jnp.einsum("ih,jw,bhwc->bijc", _adaptive_pool_matrix(height, size),
-                      _adaptive_pool_matrix(width, size), feature,
-                      precision=jax.lax.Precision.HIGHEST)
 
 
 def hcl_loss(student_feature, teacher_feature):
@@ -53,7 +33,7 @@ def hcl_loss(student_feature, teacher_feature):
         if size >= f_s.shape[1]:
             continue
         weight /= 2.0
-        pooled_diff = _adaptive_avg_pool(f_s, size) - _adaptive_avg_pool(f_t, size)
+        pooled_diff = adaptive_avg_pool(f_s, size) - adaptive_avg_pool(f_t, size)
         loss = loss + weight * jnp.mean(jnp.square(pooled_diff))
         total_weight += weight
     return loss / total_weight

@@ -5,7 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxkd.losses._common import as_float32, check_ndim, frozen_float32, safe_sqrt
+from jaxkd.losses._common import (as_float32, check_ndim, frozen_float32, mean_over_groups,
+                                   safe_sqrt)
 
 _STD_EPS = 1e-5
 
@@ -69,11 +70,5 @@ def rsd_loss_grouped(student_embedding, teacher_embedding, num_groups, **kwargs)
     `kwargs` are rsd_loss's options.
     """
     _check_embeddings("rsd_loss_grouped", student_embedding, teacher_embedding)
-    batch, dim = jnp.shape(student_embedding)
-    if num_groups < 1 or batch % num_groups:
-        raise ValueError(f"rsd_loss_grouped: batch {batch} is not divisible into "
-                         f"num_groups={num_groups} equal groups")
-    group_shape = (num_groups, batch // num_groups, dim)
-    per_group = jax.vmap(functools.partial(rsd_loss, **kwargs))(
-        jnp.reshape(student_embedding, group_shape), jnp.reshape(teacher_embedding, group_shape))
-    return jnp.mean(per_group)
+    return mean_over_groups("rsd_loss_grouped", functools.partial(rsd_loss, **kwargs),
+                            num_groups, student_embedding, teacher_embedding)
