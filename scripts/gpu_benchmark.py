@@ -338,6 +338,7 @@ class Run:
             self.write()
             raise JaxkdError(self.incompatibility(failure))
         self.status = "complete"
+        self.write()
 
     def record(self, job: Job, argv: list[str], part_args, result: dict) -> None:
         row = self.rows[job]
@@ -526,10 +527,10 @@ def run(args) -> dict:
             bench.execute()
         except KeyboardInterrupt as e:
             bench.status = f"interrupted {e}".strip()
+            bench.write()
             raise JaxkdError(f"interrupted; what was measured is in {bench.path('json')}"
                              ) from None
-        finally:
-            results = bench.write()
+    results = bench.results()
     print("\n" + format_markdown(results))
     print(f"\nwrote {bench.path('json')} and {bench.path('md')}")
     return results

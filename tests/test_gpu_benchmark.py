@@ -147,6 +147,7 @@ def test_budget_skips_what_does_not_fit(tmp_path):
     assert compiled["status"] == "not run"
     assert compiled["note"] == "expected to take ~200 s, 130 s of the budget left"
     assert sum(r["status"] == "ok" for r in rows.values()) == 6
+    assert {r["status"] for r in rows.values()} == {"ok", "not run", "not available"}
     jaxkd = rows[("swin_t", "res18", "rsd", "bfloat16", "jaxkd")]
     # 2e13 FLOPs in 0.1 s against the H200's dense bf16 peak.
     assert jaxkd["mfu_bf16_peak"] == pytest.approx(2e13 / 0.1 / 989.4e12)
