@@ -320,6 +320,7 @@ class Run:
                                                   f"{max(left, 0):.0f} s of the budget left")
                 continue
             print(f"[{self.clock() - self.start:4.0f} s] {self.describe(job)} ...", flush=True)
+            row.update(status="running", note="started, not finished")
             argv = benchmark_argv(job, self.args)
             part_args = benchmark.parse_args(argv)
             part_args.timeout = int(left)
