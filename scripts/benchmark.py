@@ -10,7 +10,8 @@ compile time, peak memory and MFU of
     loss, optimiser update), FLOPs from XLA's cost analysis of the compiled step;
   * PyTorch eager and torch.compile: the same timm models and the same loss (RSD: CE + lambda *
     RSD with an AAD projector; KD: CE + T^2 KL), SGD with momentum; AMP bf16 + channels_last
-    on GPU when --compute-dtype bfloat16. The same FLOP count is used for its MFU.
+    on GPU when --compute-dtype bfloat16, TF32 matmuls (as XLA's default) when float32. The
+    same FLOP count is used for its MFU.
 Each part runs in its own process (clean peak-memory figures, no thread pools shared between
 frameworks). MFU = FLOPs per step / step time / peak FLOP/s: --peak-tflops, else a known
 per-device figure (NVIDIA datasheet, dense), else for CPUs cores x clock x FLOPs per cycle
@@ -28,6 +29,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,10 @@ import time
 SCRIPT = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(SCRIPT))
 PARTS = ("jaxkd", "torch_eager", "torch_compile", "input_pipeline")
+TORCH_METHODS = ("rsd", "kd")  # the methods the PyTorch reference implements
+# Whose versions the results record (distribution names).
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "ml-collections", "numpy", "torch", "timm",
+            "tensorflow-cpu")
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 # Dense peak TFLOP/s per device from NVIDIA's datasheets (SXM parts). The float32 figure is
@@ -69,6 +75,8 @@ def parse_args(argv=None):
                    help="peak TFLOP/s of one device for MFU; 0: known figure or CPU estimate")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
+    p.add_argument("--torch-compile-backend", default="inductor",
+                   help="torch.compile backend; 'eager' only traces (a cheap check on CPU)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the teacher forward and student forward/backward alone")
     p.add_argument("--profile", action="store_true",
@@ -393,7 +401,8 @@ def _torch_losses(method: str, teacher_dim: int, student_dim: int):
             return defaults["ce_weight"] * ce + defaults["kd_weight"] * temperature ** 2 * kl
 
         return None, loss
-    raise NotImplementedError(f"no PyTorch reference for method {method!r} (rsd, kd only)")
+    raise NotImplementedError(f"no PyTorch reference for method {method!r} "
+                              f"({', '.join(TORCH_METHODS)} only)")
 
 
 def run_torch(args, compiled: bool) -> dict:
@@ -406,6 +415,10 @@ def run_torch(args, compiled: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda" and args.compute_dtype == "bfloat16"
     layout = torch.channels_last if amp else torch.contiguous_format
+    if device.type == "cuda" and args.compute_dtype == "float32":
+        # JAX's default precision runs float32 matmuls in TF32 on GPUs that have it (and
+        # cuDNN convolutions already do): the same here, so float32 compares like with like.
+        torch.set_float32_matmul_precision("high")
     names = recipes.resolve_model(args.teacher), recipes.resolve_model(args.student)
     teacher = timm.create_model(names[0], pretrained=False, num_classes=args.num_classes,
                                 **json.loads(args.teacher_overrides))
@@ -439,7 +452,7 @@ def run_torch(args, compiled: bool) -> dict:
         return method_loss(s_logits, s_emb, t_logits, t_emb, labels)
 
     if compiled:
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = torch.compile(loss_fn, backend=args.torch_compile_backend)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -455,7 +468,8 @@ def run_torch(args, compiled: bool) -> dict:
     first_s = time.perf_counter() - start
     _step_times(step, max(args.warmup - 1, 0))
     result = {**_summary(_step_times(step, args.steps), n), "first_step_s": first_s,
-              "amp_bf16": amp, "channels_last": amp, "threads": torch.get_num_threads()}
+              "amp_bf16": amp, "channels_last": amp, "threads": torch.get_num_threads(),
+              "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if compiled:
         result["compile_s"] = first_s - result["step_s"]
     if args.breakdown and not compiled:
@@ -533,16 +547,39 @@ def _run_part(part: str, argv: list[str], args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "part.json")
         command = [sys.executable, SCRIPT, *argv, "--part", part, "--part-output", out]
+        # A session of its own, so that a part is ended with every process it started
+        # (torch.compile's compile workers), also when it times out or we are interrupted.
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: os.sched_setaffinity(0, cpus))
         try:
-            proc = subprocess.run(command, env=env, timeout=args.timeout, capture_output=True,
-                                  text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+            stdout, stderr = proc.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            return {"skipped": f"timed out after {args.timeout} s"}
+            _end_session(proc)
+            stdout, stderr = proc.communicate()
+            return {"skipped": f"timed out after {args.timeout} s",
+                    "stderr_tail": output_tail(stderr or stdout)}
+        finally:
+            _end_session(proc)
         if proc.returncode != 0 or not os.path.exists(out):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return {"skipped": f"failed (exit {proc.returncode}): {tail[0][:300]}"}
+            tail = output_tail(stderr or stdout)
+            return {"skipped": f"failed (exit {proc.returncode}): "
+                               f"{(tail[-1:] or ['no output'])[0][:300]}",
+                    "stderr_tail": tail}
         with open(out) as f:
             return json.load(f)
+
+
+def _end_session(proc) -> None:
+    """Kills the processes of `proc`'s session (it may have ended; they may not have)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def output_tail(output: str, lines: int = 25) -> list[str]:
+    return output.strip().splitlines()[-lines:]
 
 
 def _part_main(args) -> None:
@@ -560,7 +597,7 @@ def machine_info() -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for package in ("jax", "jaxlib", "flax", "torch", "timm", "tensorflow-cpu"):
+    for package in PACKAGES:
         try:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -597,6 +634,24 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def add_mfu(results: dict, args, dtype: str = "", key: str = "mfu"):
+    """Sets `key` of every timed part of `results` to its MFU: the jaxkd step's FLOPs over
+    (step time x peak FLOP/s of one device for `dtype`, default the compute dtype). Returns
+    (peak, how it was obtained), or None without a jaxkd FLOP count."""
+    jaxkd = results["parts"].get("jaxkd", {})
+    if "flops_per_step" not in jaxkd:
+        return None
+    # XLA counts one device's share of the FLOPs; with N (fake) devices each gets 1/N of
+    # the peak, so for torch (the whole machine, all the FLOPs) the ratio is the same.
+    peak, how = peak_flops(jaxkd["platform"], jaxkd["device_kind"], dtype or args.compute_dtype,
+                           args.peak_tflops, len(_cpus(args)) / jaxkd["num_devices"])
+    for part in ("jaxkd", "torch_eager", "torch_compile"):
+        r = results["parts"].get(part, {})
+        if "step_s" in r and peak:
+            r[key] = jaxkd["flops_per_step"] / (r["step_s"] * peak)
+    return peak, how
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -604,12 +659,13 @@ def main(argv=None):
         return _part_main(args)
     parts = ["jaxkd"]
     if not args.skip_torch:
-        if args.method in ("rsd", "kd"):
+        if args.method in TORCH_METHODS:
             parts.append("torch_eager")
             if not args.no_torch_compile:
                 parts.append("torch_compile")
         else:
-            print(f"PyTorch reference skipped: it implements rsd and kd, not {args.method!r}")
+            print(f"PyTorch reference skipped: it implements {', '.join(TORCH_METHODS)}, "
+                  f"not {args.method!r}")
     if args.input_pipeline:
         parts.append("input_pipeline")
     results = {"setup": {k: v for k, v in vars(args).items() if not k.startswith("part")},
@@ -619,17 +675,9 @@ def main(argv=None):
         results["parts"][part] = _run_part(part, argv, args)
         if "skipped" in results["parts"][part]:
             print(f"  {part} skipped: {results['parts'][part]['skipped']}")
-    jaxkd = results["parts"]["jaxkd"]
-    if "flops_per_step" in jaxkd:
-        # XLA counts one device's share of the FLOPs; with N (fake) devices each gets 1/N of
-        # the peak, so for torch (the whole machine, all the FLOPs) the ratio is the same.
-        peak, how = peak_flops(jaxkd["platform"], jaxkd["device_kind"], args.compute_dtype,
-                               args.peak_tflops, len(_cpus(args)) / jaxkd["num_devices"])
-        results["peak_flops_per_device"], results["peak_flops_source"] = peak, how
-        for part in ("jaxkd", "torch_eager", "torch_compile"):
-            r = results["parts"].get(part, {})
-            if "step_s" in r and peak:
-                r["mfu"] = jaxkd["flops_per_step"] / (r["step_s"] * peak)
+    peak = add_mfu(results, args)
+    if peak:
+        results["peak_flops_per_device"], results["peak_flops_source"] = peak
     print(f"\n{args.teacher} -> {args.student}, {args.method}, batch {args.batch_size}, "
           f"{args.image_size} px, {args.compute_dtype}, sharding {args.sharding}")
     if "peak_flops_source" in results:
