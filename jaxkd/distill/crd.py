@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxkd.distill.base import register_method, supervised_loss
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import torch_linear_init
+from jaxkd.models.layers import torch_linear_init
 
 _NCE_EPS = 1e-7
 
