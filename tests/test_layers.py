@@ -10,8 +10,62 @@ import torch
 from jaxkd import sharding
 from jaxkd.models import layers
 
+# (input shape, kernel, stride, padding): MobileNetV2's and OFA's 3x3 s1/s2, ConvNeXt's 7x7,
+# PAT's 5x5, and odd sizes where a stride-2 window does not reach the last row/column.
+DEPTHWISE_CASES = [((2, 9, 9, 6), 3, 1, 1), ((2, 10, 9, 6), 3, 2, 1), ((2, 11, 11, 5), 7, 1, 3),
+                   ((2, 8, 8, 4), 5, 1, 2), ((2, 8, 8, 3), 3, 2, 0)]
+
+
 def _normal(seed, shape):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def _lowered(lowering, strides, padding):
+    return lambda x, kernel: layers.depthwise_conv2d(x, kernel, strides, padding, lowering)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad", DEPTHWISE_CASES)
+def test_shifted_depthwise_equals_xla_forward_and_gradients(shape, kernel, stride, pad):
+    x = _normal(0, shape)
+    w = _normal(1, (kernel, kernel, 1, shape[-1]))
+    outputs, grads = {}, {}
+    for lowering in layers.LOWERINGS:
+        conv = _lowered(lowering, (stride, stride), (pad, pad))
+        outputs[lowering] = jax.jit(conv)(x, w)
+        cotangent = _normal(2, outputs[lowering].shape)
+        grads[lowering] = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * cotangent),
+                                           argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(outputs["shifted"], outputs["xla"], rtol=1e-5, atol=1e-5)
+    for shifted, xla in zip(grads["shifted"], grads["xla"]):
+        assert shifted.shape == xla.shape
+        np.testing.assert_allclose(shifted, xla, rtol=1e-5, atol=2e-5)
+
+
+def test_shifted_depthwise_keeps_bfloat16_and_accumulates_in_float32():
+    x, w = _normal(0, (2, 8, 8, 4)), _normal(1, (7, 7, 1, 4))
+    reference = _lowered("xla", (1, 1), (3, 3))(x, w)
+    y = _lowered("shifted", (1, 1), (3, 3))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    # bf16 inputs (8 bits of mantissa each) and one final rounding, not 49 bf16 additions.
+    scale = float(jnp.max(jnp.abs(reference)))
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - reference))) <= 0.02 * scale
+
+
+def test_unknown_depthwise_lowering_is_refused():
+    with pytest.raises(ValueError, match="unknown depthwise lowering 'im2col'"):
+        layers.depthwise_conv2d(_normal(0, (1, 4, 4, 2)), _normal(1, (3, 3, 1, 2)), (1, 1),
+                                (1, 1), "im2col")
+
+
+def test_cpu_lowers_depthwise_convs_without_xla_grouped_convolution():
+    conv = layers.conv2d(6, 3, 2, groups=6)
+    x = _normal(0, (2, 8, 8, 6))
+    variables = conv.init(jax.random.PRNGKey(0), x)
+    assert jax.default_backend() == "cpu"
+    step = jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2))
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(step)(variables))
+    dense = layers.conv2d(6, 3, 2, groups=3)  # grouped, not depthwise: XLA's convolution
+    assert "conv_general_dilated" in str(jax.make_jaxpr(dense.init)(jax.random.PRNGKey(0), x))
 
 
 @pytest.mark.parametrize("groups,stride,kernel", [(1, 2, 3), (6, 2, 3), (6, 1, 5), (2, 2, 4)])

@@ -2,13 +2,15 @@
 
 Each one computes what its PyTorch/timm counterpart computes (REFERENCE.md section 2), so that
 one definition serves ResNet, MobileNetV2, ConvNeXt, ViT, Swin, Mixer and the distillation
-heads: a convolution with PyTorch's symmetric padding, a BatchNorm whose running variance is
-updated as `torch.nn.BatchNorm*d` updates it, LayerNorm with the two-pass variance, timm's
-stochastic depth, and the initialisers the official code uses.
+heads: a convolution with PyTorch's symmetric padding (whose depthwise case is lowered per
+backend, see `depthwise_conv2d`), a BatchNorm whose running variance is updated as
+`torch.nn.BatchNorm*d` updates it, LayerNorm with the two-pass variance, timm's stochastic
+depth, and the initialisers the official code uses.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -137,6 +139,8 @@ class Conv2d(nn.Module):
     """torch.nn.Conv2d on NHWC maps: explicit symmetric zero padding (never 'SAME'), groups.
 
     Variables as Flax's nn.Conv: `kernel` [kh, kw, in / groups, features] (HWIO), `bias`.
+    A depthwise conv (groups == in channels == features) goes through `depthwise_conv2d`,
+    which picks the fastest lowering of the backend; every other conv is XLA's.
     """
 
     features: int
@@ -163,9 +167,12 @@ class Conv2d(nn.Module):
                             self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, kernel)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        y = lax.conv_general_dilated(x, kernel, strides, [(p, p) for p in padding],
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=self.groups)
+        if 1 < self.groups == in_features == self.features:
+            y = depthwise_conv2d(x, kernel, strides, padding)
+        else:
+            y = lax.conv_general_dilated(x, kernel, strides, [(p, p) for p in padding],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=self.groups)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype).reshape(1, 1, 1, -1)
@@ -182,3 +189,109 @@ def conv2d(features: int, kernel: IntPair, stride: IntPair = 1, *, padding: IntP
         padding = tuple((k - 1) // 2 for k in _pair(kernel))
     return Conv2d(features, kernel, stride, padding, groups=groups, use_bias=use_bias,
                   kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, name=name)
+
+
+# --- depthwise convolution ---------------------------------------------------------------
+# Lowering of a depthwise conv per JAX backend ("xla" where a backend is not listed), chosen by
+# measurement (docs/benchmarks.md, scripts/depthwise_benchmark.py): XLA's CPU convolution with
+# feature_group_count = channels is 3-30x slower than the same conv written as kh * kw
+# shifted multiply-adds, forward and backward. GPUs keep XLA's (cuDNN) convolution.
+DEPTHWISE_LOWERING = {"cpu": "shifted"}
+LOWERINGS = ("xla", "shifted")
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                     padding: tuple[int, int], lowering: str | None = None) -> jax.Array:
+    """y[b, i, j, c] = sum_{u, v} x_padded[b, s_h i + u, s_w j + v, c] * kernel[u, v, 0, c].
+
+    x [B, H, W, C], kernel [kh, kw, 1, C] (HWIO), symmetric zero padding (p_h, p_w). Both
+    lowerings give the same values to float32 rounding; `lowering` None picks the backend's
+    (DEPTHWISE_LOWERING).
+    """
+    if lowering is None:
+        lowering = DEPTHWISE_LOWERING.get(jax.default_backend(), "xla")
+    if lowering == "xla":
+        return lax.conv_general_dilated(x, kernel, strides, [(p, p) for p in padding],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+    if lowering == "shifted":
+        return _shifted_depthwise(x, kernel, tuple(strides), tuple(padding))
+    raise ValueError(f"unknown depthwise lowering {lowering!r}; choose one of {LOWERINGS}")
+
+
+def _output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _tap(padded, u: int, v: int, strides, out_hw):
+    """The [B, Ho, Wo, C] input values kernel tap (u, v) multiplies (stride applied)."""
+    b, _, _, c = padded.shape
+    return lax.slice(padded, (0, u, v, 0),
+                     (b, u + strides[0] * (out_hw[0] - 1) + 1,
+                      v + strides[1] * (out_hw[1] - 1) + 1, c), (1, strides[0], strides[1], 1))
+
+
+def _correlate(padded, kernel, strides, out_hw):
+    """sum over taps of tap * kernel[u, v, 0], accumulated in at least float32, one pass."""
+    acc_dtype = jnp.promote_types(padded.dtype, jnp.float32)
+    out = None
+    for u in range(kernel.shape[0]):
+        for v in range(kernel.shape[1]):
+            term = (_tap(padded, u, v, strides, out_hw).astype(acc_dtype)
+                    * kernel[u, v, 0].astype(acc_dtype))
+            out = term if out is None else out + term
+    # An exact identity that XLA's CPU matmul (YNNPACK) fusion cannot absorb: without it that
+    # fusion pulls the sum into the next matmul's fusion and materialises each of the kh * kw
+    # taps as a copy of the input; with it the taps stay one fused pass.
+    finfo = jnp.finfo(acc_dtype)
+    out = lax.reduce_precision(out, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
+    return out.astype(padded.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_depthwise(x, kernel, strides, padding):
+    (ph, pw), (kh, kw) = padding, kernel.shape[:2]
+    out_hw = (_output_size(x.shape[1], kh, strides[0], ph),
+              _output_size(x.shape[2], kw, strides[1], pw))
+    padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    return _correlate(padded, kernel, strides, out_hw)
+
+
+def _shifted_depthwise_fwd(x, kernel, strides, padding):
+    return _shifted_depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _shifted_depthwise_bwd(strides, padding, residuals, grad):
+    """Both gradients as cache-friendly shifted sums (autodiff's transposes are 5-10x slower).
+
+    Input: the output gradient dilated by the stride and padded to a 'full' correlation with
+    the flipped kernel. Kernel: one scan over output rows, each step summing every tap's
+    products over that row only, so the rows it reads stay in cache.
+    """
+    x, kernel = residuals
+    (sh, sw), (ph, pw), (kh, kw) = strides, padding, kernel.shape[:2]
+    b, h, w, c = x.shape
+    ho, wo = grad.shape[1:3]
+    zero = jnp.zeros((), grad.dtype)
+    dilated = lax.pad(grad, zero, ((0, 0, 0), (kh - 1 - ph, h + ph - sh * (ho - 1) - 1, sh - 1),
+                                   (kw - 1 - pw, w + pw - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
+    dx = _correlate(dilated, kernel[::-1, ::-1], (1, 1), (h, w))
+
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))).astype(acc_dtype)
+
+    def row(acc, inputs):
+        i, grad_row = inputs  # grad_row [B, Wo, C]: output row i
+        rows = lax.dynamic_slice_in_dim(padded, i * sh, kh, axis=1)
+        sums = [jnp.sum(_tap(rows[:, u:u + 1], 0, v, (1, sw), (1, wo))[:, 0] * grad_row,
+                        axis=1) for u in range(kh) for v in range(kw)]
+        return acc + jnp.stack(sums, axis=1), None
+
+    grad_rows = jnp.moveaxis(grad.astype(acc_dtype), 1, 0)
+    per_example, _ = lax.scan(row, jnp.zeros((b, kh * kw, c), acc_dtype),
+                              (jnp.arange(ho), grad_rows))
+    dkernel = per_example.sum(axis=0).reshape(kh, kw, 1, c)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
