@@ -41,10 +41,6 @@ IMAGENET_PAIRS = (
     ("res50", "resmlp_s12"), ("convnext_t", "resmlp_s12"), ("swin_t", "resmlp_s12"),
 )
 
-# Student family of each aliased model, so configs parse before the model zoo is imported.
-_FAMILY = {"res18": "cnn", "res34": "cnn", "res50": "cnn", "mbv2": "cnn", "convnext_t": "cnn",
-           "deit_t": "vit", "vit_s": "vit", "vit_b": "vit", "swin_t": "vit", "swin_n": "vit",
-           "swin_p": "vit", "mixer_b16": "mlp", "resmlp_s12": "mlp"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -132,9 +128,6 @@ def parse_pair(arg: str, pairs) -> tuple[str, str]:
 
 
 def student_family(name: str) -> str:
-    for alias, full in ALIASES.items():
-        if full == name:
-            return _FAMILY[alias]
     return models.model_info(name).family
 
 

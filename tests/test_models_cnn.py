@@ -227,6 +227,10 @@ def test_train_mode_batch_norm_matches_timm():
     # PyTorch momentum 0.1 == Flax momentum 0.9 for the running mean.
     np.testing.assert_allclose(updates["batch_stats"]["layer2_0"]["bn1"]["mean"],
                                model.layer2[0].bn1.running_mean.numpy(), atol=1e-5)
+    # ... and the running variance takes the unbiased batch variance, as PyTorch's.
+    for block, torch_block in (("layer2_0", model.layer2[0]), ("layer4_1", model.layer4[1])):
+        np.testing.assert_allclose(updates["batch_stats"][block]["bn1"]["var"],
+                                   torch_block.bn1.running_var.numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,kw,size", PER_FAMILY, ids=PER_FAMILY_IDS)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.distill.base import Method, Term, batch_groups, derived, register_method
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import batch_norm
+from jaxkd.models.layers import batch_norm
 
 
 class CoSSHead(nn.Module):

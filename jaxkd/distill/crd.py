@@ -31,7 +31,7 @@ import numpy as np
 from jaxkd.distill.base import Term, derived
 from jaxkd.distill.feature import FeatureMethod, register_feature_method
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import torch_linear_init
+from jaxkd.models.layers import torch_linear_init
 
 _NCE_EPS = 1e-7
 

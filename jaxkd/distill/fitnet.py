@@ -23,8 +23,7 @@ from jaxkd import losses
 from jaxkd.distill.base import Method, Term, derived, register_method
 from jaxkd.distill.ofa import token_layout
 from jaxkd.errors import ConfigError
-
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from jaxkd.models.layers import KAIMING_FAN_OUT
 
 
 def as_grid(feature, num_prefix: int):
@@ -54,7 +53,7 @@ class GridAdapter(nn.Module):
     @nn.compact
     def __call__(self, x):
         student_grid = x.shape[1]
-        conv = {"use_bias": False, "padding": "VALID", "kernel_init": _kaiming_fan_out}
+        conv = {"use_bias": False, "padding": "VALID", "kernel_init": KAIMING_FAN_OUT}
         if student_grid >= self.teacher_grid:
             ratio = student_grid // self.teacher_grid
             return nn.Conv(self.teacher_channels, (ratio, ratio), strides=ratio, name="proj",

@@ -19,7 +19,7 @@ from jaxkd.distill.feature import (FeatureMethod, paired_stage_count, register_f
 from jaxkd.distill.ofa import token_layout
 from jaxkd.errors import ConfigError
 from jaxkd.losses.maps import VID_EPS
-from jaxkd.models.resnet import batch_norm, torch_linear_init
+from jaxkd.models.layers import batch_norm, torch_linear_init
 
 
 def _per_stage(name, weight, values):

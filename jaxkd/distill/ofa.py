@@ -22,17 +22,14 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.distill.base import Method, ModelSpec, Term, derived, register_method
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import batch_norm, conv2d, torch_linear_init
-from jaxkd.models.vit import Attention, Mlp, layer_norm
+from jaxkd.models.layers import (KAIMING_FAN_OUT, TORCH_LN_EPS, TRUNC_NORMAL_02, batch_norm,
+                                 conv2d, layer_norm, torch_linear_init)
+from jaxkd.models.vit import Attention, Mlp
 
 FINAL_GRID = 7  # token branches merge patches down to 7 x 7 = 49 tokens
 BRANCH_HEADS = 4  # attention heads of the token branches' ViT blocks
-_TORCH_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the official branch modules
-
 # The official code's init_weights: kaiming normal (fan_out, relu) convs, BN (1, 0),
 # trunc-normal(0.02) Linear weights with zero biases; conv biases keep PyTorch's default.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def token_layout(stage_shape) -> tuple[int, int]:
@@ -60,7 +57,7 @@ def as_tokens(feature):
 
 
 def _classifier(num_classes: int, name: str = "head") -> nn.Dense:
-    return nn.Dense(num_classes, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros,
+    return nn.Dense(num_classes, kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
                     name=name)
 
 
@@ -72,7 +69,7 @@ class SepConv(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         channels = x.shape[-1]
-        conv = {"kernel_init": _kaiming_fan_out}
+        conv = {"kernel_init": KAIMING_FAN_OUT}
         x = conv2d(channels, 3, 2, groups=channels, name="dw1", **conv)(x)
         x = conv2d(channels, 1, name="pw1", **conv)(x)
         x = nn.relu(batch_norm(train, name="bn1")(x))
@@ -92,7 +89,7 @@ class CNNBranch(nn.Module):
     def __call__(self, x, *, train: bool):
         if self.stage == 4:
             _, bias_init = torch_linear_init(x.shape[-1])
-            x = nn.Conv(self.width, (1, 1), kernel_init=_kaiming_fan_out, bias_init=bias_init,
+            x = nn.Conv(self.width, (1, 1), kernel_init=KAIMING_FAN_OUT, bias_init=bias_init,
                         name="proj")(x)
         else:
             num_blocks = 4 - self.stage
@@ -119,8 +116,9 @@ class PatchMerging(nn.Module):
         x = x.reshape(batch, side, side, channels)
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
                              x[:, 1::2, 1::2]], axis=-1).reshape(batch, -1, 4 * channels)
-        x = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm")(x)
-        x = nn.Dense(self.out_dim, use_bias=False, kernel_init=_trunc_normal, name="reduction")(x)
+        x = layer_norm(TORCH_LN_EPS, jnp.float32, "norm")(x)
+        x = nn.Dense(self.out_dim, use_bias=False, kernel_init=TRUNC_NORMAL_02,
+                     name="reduction")(x)
         return nn.gelu(x, approximate=False) if self.gelu else x
 
 
@@ -131,9 +129,9 @@ class BranchBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm1")(x)
+        y = layer_norm(TORCH_LN_EPS, jnp.float32, "norm1")(x)
         x = x + Attention(self.dim, BRANCH_HEADS, qkv_bias=False, name="attn")(y)
-        y = layer_norm(_TORCH_LN_EPS, jnp.float32, "norm2")(x)
+        y = layer_norm(TORCH_LN_EPS, jnp.float32, "norm2")(x)
         return x + Mlp(4 * self.dim, self.dim, name="mlp")(y)
 
 

@@ -48,29 +48,27 @@ from jaxkd import losses
 from jaxkd.distill.base import PER_EXAMPLE_COLLECTION, Method, Term, derived, register_method
 from jaxkd.distill.ofa import token_layout
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import batch_norm, conv2d
+from jaxkd.models.layers import (KAIMING_FAN_OUT, TORCH_LN_EPS, TRUNC_NORMAL_02, batch_norm,
+                                 conv2d)
 
 RAA_GRID = 4  # each stage becomes RAA_GRID x RAA_GRID = 16 tokens
 RAA_DIM = 512
 RAA_HEADS = 8
 SE_RATIO = 16
 PROMPT_GROUPS = 4
-_TORCH_LN_EPS = 1e-5
 
 # The official init_weights: kaiming normal (fan_out, relu) convs, BN (1, 0), trunc-normal
 # (0.02) Linear weights with zero biases.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def _dense(features, name):
-    return nn.Dense(features, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros,
+    return nn.Dense(features, kernel_init=TRUNC_NORMAL_02, bias_init=nn.initializers.zeros,
                     name=name)
 
 
 def _conv(features, kernel, name, *, groups=1, use_bias=True):
     return conv2d(features, kernel, groups=groups, use_bias=use_bias,
-                  kernel_init=_kaiming_fan_out, name=name)
+                  kernel_init=KAIMING_FAN_OUT, name=name)
 
 
 def split_grid(feature):
@@ -120,7 +118,7 @@ class StageTokens(nn.Module):
         size = patch * RAA_GRID
         grid = nearest_resize(grid, size, size)
         x = nn.Conv(self.dim, (patch, patch), (patch, patch), padding="VALID",
-                    kernel_init=_kaiming_fan_out, name="proj")(grid)
+                    kernel_init=KAIMING_FAN_OUT, name="proj")(grid)
         return x.reshape(x.shape[0], RAA_GRID * RAA_GRID, self.dim)
 
 
@@ -135,7 +133,7 @@ class RegionAwareAttention(nn.Module):
     def __call__(self, grids):
         tokens = jnp.concatenate([StageTokens(self.dim, name=f"stage_tokens_{i}")(g)
                                   for i, g in enumerate(grids)], axis=1)
-        normed = nn.LayerNorm(epsilon=_TORCH_LN_EPS, name="norm")(tokens)
+        normed = nn.LayerNorm(epsilon=TORCH_LN_EPS, name="norm")(tokens)
         q = _dense(self.dim, "to_q")(normed)
         k, v = jnp.split(_dense(2 * self.dim, "to_kv")(normed), 2, axis=-1)
         position = jnp.asarray(sinusoidal_encoding(tokens.shape[1], self.dim))
@@ -170,8 +168,7 @@ class TokenAligner(nn.Module):
     @nn.compact
     def __call__(self, tokens, *, train: bool):
         length, dim = self.shape
-        x = nn.BatchNorm(use_running_average=not train, axis=1, momentum=0.9, epsilon=1e-5,
-                         use_fast_variance=False, name="bn_tokens")(tokens)
+        x = batch_norm(train, axis=1, name="bn_tokens")(tokens)
         x = _dense(dim, "proj_channels")(x)
         x = batch_norm(train, name="bn_channels")(x)
         x = _dense(length, "proj_tokens")(jnp.swapaxes(x, 1, 2))

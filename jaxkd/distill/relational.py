@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.distill.base import Term, batch_groups, derived
 from jaxkd.distill.feature import FeatureMethod, paired_stage_count, register_feature_method
-from jaxkd.models.resnet import torch_linear_init
+from jaxkd.models.layers import torch_linear_init
 
 
 class _GroupedMethod(FeatureMethod):

@@ -18,8 +18,7 @@ from jaxkd.distill import ofa
 from jaxkd.distill.base import Term, batch_groups, derived, register_method
 from jaxkd.distill.feature import FeatureMethod, register_feature_method
 from jaxkd.errors import ConfigError
-
-_trunc_normal = nn.initializers.truncated_normal(0.02)
+from jaxkd.models.layers import TRUNC_NORMAL_02, batch_norm
 
 
 class AAD(nn.Module):
@@ -30,10 +29,10 @@ class AAD(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=_trunc_normal)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+        x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=TRUNC_NORMAL_02)(x)
+        x = batch_norm(train)(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(self.out_dim, use_bias=False, kernel_init=_trunc_normal)(x)
+        return nn.Dense(self.out_dim, use_bias=False, kernel_init=TRUNC_NORMAL_02)(x)
 
 
 _TARGETS = ("embedding", "logits")

@@ -26,7 +26,7 @@ from jaxkd import losses
 from jaxkd.distill.base import Method, Term, batch_groups, derived, register_method
 from jaxkd.errors import ConfigError
 from jaxkd.losses._common import l2_normalize
-from jaxkd.models.resnet import torch_linear_init
+from jaxkd.models.layers import torch_linear_init
 
 TEACHER_OUTPUTS = ("embedding", "logits")
 

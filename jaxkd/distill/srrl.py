@@ -21,7 +21,7 @@ from jaxkd import losses
 from jaxkd.distill.base import Term, derived
 from jaxkd.distill.feature import FeatureMethod, register_feature_method
 from jaxkd.errors import ConfigError
-from jaxkd.models.resnet import batch_norm, torch_linear_init
+from jaxkd.models.layers import batch_norm, torch_linear_init
 
 
 class Connector(nn.Module):

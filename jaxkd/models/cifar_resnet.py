@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from jaxkd.errors import ConfigError
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.resnet import BasicBlock, _kaiming_fan_out, batch_norm, conv2d, torch_linear_init
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, torch_linear_init
+from jaxkd.models.resnet import BasicBlock
 
 _THIN = (16, 16, 32, 64)  # stem and stage widths of resnet20/56/110
 _WIDE = (32, 64, 128, 256)  # ... of resnet8x4/32x4
@@ -36,7 +37,7 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, pre_stage=None):
         blocks = (self.depth - 2) // 6
-        x = conv2d(self.widths[0], 3, kernel_init=_kaiming_fan_out, dtype=self.dtype,
+        x = conv2d(self.widths[0], 3, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype,
                    name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         in_channels = self.widths[0]

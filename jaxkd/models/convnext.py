@@ -11,30 +11,20 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
+from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, conv2d, drop_path,
+                                 drop_path_rates, layer_norm)
 from jaxkd.models.registry import register_model
-from jaxkd.models.resnet import drop_path
 
-_EPS = 1e-6
+
 # timm's ConvNeXt init: trunc_normal(std=.02) for every conv and linear, zero biases.
-_trunc_normal = nn.initializers.truncated_normal(0.02)
-
-
-def _layer_norm(dtype, name):
-    # Two-pass variance (as PyTorch), not E[x^2] - E[x]^2.
-    return nn.LayerNorm(epsilon=_EPS, use_fast_variance=False, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
-
-
 def _conv(features, kernel, stride, padding, *, groups=1, dtype, name):
-    return nn.Conv(features, (kernel, kernel), (stride, stride),
-                   padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                   kernel_init=_trunc_normal, dtype=dtype, param_dtype=jnp.float32, name=name)
+    return conv2d(features, kernel, stride, padding=padding, groups=groups, use_bias=True,
+                  kernel_init=TRUNC_NORMAL_02, dtype=dtype, name=name)
 
 
 def _dense(features, dtype, name):
-    return nn.Dense(features, kernel_init=_trunc_normal, dtype=dtype, param_dtype=jnp.float32,
+    return nn.Dense(features, kernel_init=TRUNC_NORMAL_02, dtype=dtype, param_dtype=jnp.float32,
                     name=name)
 
 
@@ -49,7 +39,7 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x, train: bool):
         dim = x.shape[-1]
         y = _conv(dim, 7, 1, 3, groups=dim, dtype=self.dtype, name="conv_dw")(x)
-        y = _layer_norm(self.dtype, "norm")(y)
+        y = layer_norm(TIMM_LN_EPS, self.dtype, "norm")(y)
         y = _dense(4 * dim, self.dtype, "mlp_fc1")(y)
         y = nn.gelu(y, approximate=False)
         y = _dense(dim, self.dtype, "mlp_fc2")(y)
@@ -73,16 +63,15 @@ class ConvNeXt(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, pre_stage=None):
         x = _conv(self.dims[0], 4, 4, 0, dtype=self.dtype, name="stem_0")(x)
-        x = _layer_norm(self.dtype, "stem_1")(x)
-        # timm: linspace(0, drop_path_rate, total blocks), split per stage.
-        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+        x = layer_norm(TIMM_LN_EPS, self.dtype, "stem_1")(x)
+        rates = drop_path_rates(self.drop_path_rate, sum(self.depths))  # split per stage
         block_index = 0
         stages = []
         for stage, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if pre_stage is not None:
                 x = pre_stage(stage, x)
             if stage > 0:
-                x = _layer_norm(self.dtype, f"stages_{stage}_downsample_0")(x)
+                x = layer_norm(TIMM_LN_EPS, self.dtype, f"stages_{stage}_downsample_0")(x)
                 x = _conv(dim, 2, 2, 0, dtype=self.dtype, name=f"stages_{stage}_downsample_1")(x)
             for i in range(depth):
                 x = ConvNeXtBlock(drop_path_rate=rates[block_index],
@@ -90,7 +79,7 @@ class ConvNeXt(nn.Module):
                                   name=f"stages_{stage}_blocks_{i}")(x, train)
                 block_index += 1
             stages.append(x)
-        embedding = _layer_norm(self.dtype, "head_norm")(jnp.mean(x, axis=(1, 2)))
+        embedding = layer_norm(TIMM_LN_EPS, self.dtype, "head_norm")(jnp.mean(x, axis=(1, 2)))
         logits = _dense(self.num_classes, self.dtype, "head")(embedding)
         return logits, {"embedding": embedding, "stages": stages}
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.models.layers import TIMM_LN_EPS, drop_path, layer_norm
 from jaxkd.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,8 +26,6 @@ from jaxkd.models.vit import (
     PatchEmbed,
     PreStage,
     check_image,
-    drop_path,
-    layer_norm,
     stage_end_blocks,
     stage_start_blocks,
     to_2tuple,
@@ -63,10 +62,10 @@ class MixerBlock(nn.Module):
     def __call__(self, x, train: bool):
         tokens_dim, channels_dim = (int(r * self.dim) for r in self.mlp_ratio)
         mlp = dict(dtype=self.dtype, kernel_init=_XAVIER, bias_init=_TINY_NORMAL)
-        y = layer_norm(1e-6, self.dtype, "norm1")(x).swapaxes(1, 2)
+        y = layer_norm(TIMM_LN_EPS, self.dtype, "norm1")(x).swapaxes(1, 2)
         y = Mlp(tokens_dim, self.seq_len, name="mlp_tokens", **mlp)(y).swapaxes(1, 2)
         x = x + drop_path(self, y, self.drop_path_rate, train)
-        y = layer_norm(1e-6, self.dtype, "norm2")(x)
+        y = layer_norm(TIMM_LN_EPS, self.dtype, "norm2")(x)
         y = Mlp(channels_dim, self.dim, name="mlp_channels", **mlp)(y)
         return x + drop_path(self, y, self.drop_path_rate, train)
 
@@ -133,7 +132,7 @@ class MlpMixer(nn.Module):
         if self.resmlp:
             x = Affine(self.dtype, name="norm")(x)
         else:
-            x = layer_norm(1e-6, self.dtype, "norm")(x)
+            x = layer_norm(TIMM_LN_EPS, self.dtype, "norm")(x)
         embedding = x.mean(axis=1)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.zeros, name="head")(embedding)

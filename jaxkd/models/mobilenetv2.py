@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxkd.models.layers import batch_norm, conv2d, drop_path
 from jaxkd.models.registry import register_model
-from jaxkd.models.resnet import batch_norm, conv2d, drop_path
 
 # (expansion, out channels, repeats, first stride) of each stack; stack 0 is the depthwise-
 # separable block (timm 'ds_r1_k3_s1_c16'), the rest are inverted residuals ('ir_...').

@@ -1,63 +1,14 @@
-"""ResNet-18/34/50 laid out exactly as timm 1.0 builds them, so timm weights load one to one.
-
-Also holds the small pieces the other CNN families share (stochastic depth, PyTorch-style
-initialisers, symmetric-padding conv), so that the three CNN files agree on them.
-"""
+"""ResNet-18/34/50 laid out exactly as timm 1.0 builds them, so timm weights load one to one."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, drop_path, torch_linear_init
 from jaxkd.models.registry import register_model
-
-BN_MOMENTUM = 0.9  # Flax convention: PyTorch's BatchNorm momentum 0.1.
-
-
-def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
-    """timm's DropPath: drop whole residual branches per sample, rescaling kept ones by 1/keep."""
-    if not train or rate == 0.0:
-        return x
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x * mask.astype(x.dtype) / keep
-
-
-def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
-    """PyTorch's default nn.Linear init (kernel and bias uniform in +-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
-
-
-def conv2d(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
-           kernel_init: Callable = nn.initializers.lecun_normal(), dtype: Any = jnp.float32,
-           name: str | None = None) -> nn.Conv:
-    """A PyTorch-equivalent Conv2d: symmetric padding (k - 1) // 2, never 'SAME'."""
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def batch_norm(train: bool, *, eps: float = 1e-5, zero_scale: bool = False,
-               dtype: Any = jnp.float32, name: str | None = None) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=eps,
-                        use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32,
-                        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                        name=name)
-
-
-# timm's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu') on every conv.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BasicBlock(nn.Module):
@@ -75,7 +26,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = dict(kernel_init=_kaiming_fan_out, dtype=self.dtype)
+        conv = dict(kernel_init=KAIMING_FAN_OUT, dtype=self.dtype)
         y = conv2d(self.planes, 3, self.stride, name="conv1", **conv)(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
         y = conv2d(self.planes, 3, name="conv2", **conv)(y)
@@ -100,7 +51,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = dict(kernel_init=_kaiming_fan_out, dtype=self.dtype)
+        conv = dict(kernel_init=KAIMING_FAN_OUT, dtype=self.dtype)
         y = conv2d(self.planes, 1, name="conv1", **conv)(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
         y = conv2d(self.planes, 3, self.stride, name="conv2", **conv)(y)
@@ -129,7 +80,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_stage=None):
-        x = conv2d(64, 7, 2, kernel_init=_kaiming_fan_out, dtype=self.dtype, name="conv1")(x)
+        x = conv2d(64, 7, 2, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         total_blocks = sum(self.layers)

@@ -18,21 +18,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.models.layers import (TORCH_LN_EPS, TRUNC_NORMAL_02, drop_path, drop_path_rates,
+                                 layer_norm)
 from jaxkd.models.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
-from jaxkd.models.vit import (
-    Mlp,
-    PatchEmbed,
-    PreStage,
-    attention_weights,
-    check_image,
-    drop_path,
-    drop_path_rates,
-    layer_norm,
-    to_2tuple,
-    trunc_normal_02,
-)
-
-_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which timm's Swin uses
+from jaxkd.models.vit import Mlp, PatchEmbed, PreStage, attention_weights, check_image, to_2tuple
 
 
 def relative_position_index(window: tuple[int, int]) -> np.ndarray:
@@ -98,12 +87,12 @@ class WindowAttention(nn.Module):
     def __call__(self, x, mask: np.ndarray | None):
         windows, tokens, _ = x.shape
         head_dim = self.dim // self.num_heads
-        table = self.param("relative_position_bias_table", trunc_normal_02,
+        table = self.param("relative_position_bias_table", TRUNC_NORMAL_02,
                            ((2 * self.window[0] - 1) * (2 * self.window[1] - 1), self.num_heads),
                            jnp.float32)
         index = relative_position_index(self.window).reshape(-1)
         bias = table[index].reshape(tokens, tokens, self.num_heads).transpose(2, 0, 1)
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=trunc_normal_02)
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_02)
         qkv = nn.Dense(3 * self.dim, name="qkv", **dense)(x)
         qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -133,7 +122,7 @@ class SwinBlock(nn.Module):
         _, h, w, c = x.shape
         window, shift = block_window(self.resolution, self.window, self.shifted)
         has_shift = any(shift)
-        y = layer_norm(_NORM_EPS, self.dtype, "norm1")(x)
+        y = layer_norm(TORCH_LN_EPS, self.dtype, "norm1")(x)
         if has_shift:
             y = jnp.roll(y, (-shift[0], -shift[1]), axis=(1, 2))
         pad_h, pad_w = (-h) % window[0], (-w) % window[1]
@@ -145,7 +134,7 @@ class SwinBlock(nn.Module):
         if has_shift:
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + drop_path(self, y, self.drop_path_rate, train)
-        y = layer_norm(_NORM_EPS, self.dtype, "norm2")(x)
+        y = layer_norm(TORCH_LN_EPS, self.dtype, "norm2")(x)
         y = Mlp(int(c * self.mlp_ratio), c, dtype=self.dtype, name="mlp")(y)
         return x + drop_path(self, y, self.drop_path_rate, train)
 
@@ -162,9 +151,9 @@ class PatchMerging(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         h, w = x.shape[1] // 2, x.shape[2] // 2
         x = x.reshape(b, h, 2, w, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h, w, 4 * c)
-        x = layer_norm(_NORM_EPS, self.dtype, "norm")(x)
+        x = layer_norm(TORCH_LN_EPS, self.dtype, "norm")(x)
         return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=trunc_normal_02, name="reduction")(x)
+                        kernel_init=TRUNC_NORMAL_02, name="reduction")(x)
 
 
 class SwinStage(nn.Module):
@@ -241,7 +230,7 @@ class SwinTransformer(nn.Module):
         self._check_config()
         resolutions = self._stage_resolutions()
         check_image(images, to_2tuple(self.img_size), self.in_chans, type(self).__name__)
-        x = PatchEmbed(self.embed_dim, self.patch_size, norm_eps=_NORM_EPS, dtype=self.dtype,
+        x = PatchEmbed(self.embed_dim, self.patch_size, norm_eps=TORCH_LN_EPS, dtype=self.dtype,
                        name="patch_embed")(images)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages = []
@@ -256,10 +245,10 @@ class SwinTransformer(nn.Module):
                           drop_path_rates=tuple(rates[first:first + depth]), dtype=self.dtype,
                           name=f"layers_{i}")(x, train, hook)
             stages.append(x)
-        x = layer_norm(_NORM_EPS, self.dtype, "norm")(x)
+        x = layer_norm(TORCH_LN_EPS, self.dtype, "norm")(x)
         embedding = x.mean(axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=trunc_normal_02, name="head")(embedding)
+                          kernel_init=TRUNC_NORMAL_02, name="head")(embedding)
         return logits, {"embedding": embedding, "stages": stages}
 
 

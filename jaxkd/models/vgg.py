@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.resnet import _kaiming_fan_out, batch_norm, conv2d
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d
 
 _VGG8 = ((64,), (128,), (256,), (512,), (512,))
 _VGG13 = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
@@ -51,7 +51,7 @@ class VGG(nn.Module):
                 if b < len(self.blocks) - 1 or pool_before_last:
                     x = _max_pool(x)
             for j, width in enumerate(widths):
-                x = conv2d(width, 3, use_bias=True, kernel_init=_kaiming_fan_out,
+                x = conv2d(width, 3, use_bias=True, kernel_init=KAIMING_FAN_OUT,
                            dtype=self.dtype, name=f"block{b}_conv{j}")(x)
                 x = nn.relu(batch_norm(train, dtype=self.dtype, name=f"block{b}_bn{j}")(x))
             if b > 0:

@@ -1,8 +1,8 @@
 """ViT / DeiT as timm 1.0 builds them (pre-norm blocks, class token, learned position embedding).
 
 Submodule names mirror timm's module tree (`patch_embed/proj`, `blocks_3/attn/qkv`, ...) so that
-`jaxkd.convert.vit` maps every variable to its state-dict key by renaming alone. The small
-building blocks here (Mlp, drop path, LayerNorm, the stage rule) are shared with swin.py/mlp.py.
+`jaxkd.convert.vit` maps every variable to its state-dict key by renaming alone. The token-model
+building blocks here (PatchEmbed, Mlp, attention, the stage rule) are shared with swin.py/mlp.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, conv2d, drop_path, drop_path_rates,
+                                 layer_norm)
 from jaxkd.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,8 +28,6 @@ PreStage = Callable[[int, jax.Array], jax.Array] | None
 
 # 1-based block numbers ending the four stages of a 12-block model (REFERENCE.md section 2).
 _STAGE_ENDS_OF_12 = (2, 4, 10, 12)
-
-trunc_normal_02 = nn.initializers.truncated_normal(0.02)
 
 
 def stage_end_blocks(depth: int) -> tuple[int, int, int, int]:
@@ -59,27 +58,6 @@ def to_2tuple(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm with PyTorch's two-pass variance (the fast E[x^2]-E[x]^2 form drifts)."""
-    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
-
-
-def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
-    """Stochastic depth as timm's DropPath: drop whole samples' residuals, rescale the kept."""
-    if not train or rate == 0.0:
-        return x
-    keep = 1.0 - rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
-def drop_path_rates(rate: float, depth: int) -> list[float]:
-    """timm's stochastic depth decay rule: linear from 0 at the first block to `rate`."""
-    return [float(r) for r in np.linspace(0.0, rate, depth)]
-
-
 def check_image(images: jax.Array, img_size: tuple[int, int], in_chans: int, model: str):
     """timm builds these models for one input size; say so instead of failing in a reshape."""
     if images.ndim != 4 or tuple(images.shape[1:]) != (*img_size, in_chans):
@@ -102,8 +80,8 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images):
         patch = to_2tuple(self.patch_size)
-        x = nn.Conv(self.embed_dim, patch, strides=patch, padding="VALID", dtype=self.dtype,
-                    param_dtype=jnp.float32, name="proj")(images.astype(self.dtype))
+        x = conv2d(self.embed_dim, patch, patch, padding=0, use_bias=True, dtype=self.dtype,
+                   name="proj")(images.astype(self.dtype))
         if self.norm_eps is not None:
             x = layer_norm(self.norm_eps, self.dtype, "norm")(x)
         return x
@@ -115,7 +93,7 @@ class Mlp(nn.Module):
     hidden_features: int
     out_features: int
     dtype: jnp.dtype = jnp.float32
-    kernel_init: Callable = trunc_normal_02
+    kernel_init: Callable = TRUNC_NORMAL_02
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
@@ -148,7 +126,7 @@ class Attention(nn.Module):
     def __call__(self, x):
         batch, tokens, _ = x.shape
         head_dim = self.dim // self.num_heads
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=trunc_normal_02)
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_02)
         qkv = nn.Dense(3 * self.dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -168,10 +146,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = layer_norm(1e-6, self.dtype, "norm1")(x)
+        y = layer_norm(TIMM_LN_EPS, self.dtype, "norm1")(x)
         y = Attention(self.dim, self.num_heads, dtype=self.dtype, name="attn")(y)
         x = x + drop_path(self, y, self.drop_path_rate, train)
-        y = layer_norm(1e-6, self.dtype, "norm2")(x)
+        y = layer_norm(TIMM_LN_EPS, self.dtype, "norm2")(x)
         y = Mlp(int(self.dim * self.mlp_ratio), self.dim, dtype=self.dtype, name="mlp")(y)
         return x + drop_path(self, y, self.drop_path_rate, train)
 
@@ -203,7 +181,7 @@ class VisionTransformer(nn.Module):
         x = x.reshape(x.shape[0], grid[0] * grid[1], self.embed_dim)
         cls_token = self.param("cls_token", nn.initializers.normal(1e-6),
                                (1, 1, self.embed_dim), jnp.float32)
-        pos_embed = self.param("pos_embed", trunc_normal_02,
+        pos_embed = self.param("pos_embed", TRUNC_NORMAL_02,
                                (1, grid[0] * grid[1] + 1, self.embed_dim), jnp.float32)
         cls_tokens = jnp.broadcast_to(cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
         x = jnp.concatenate([cls_tokens, x], axis=1) + pos_embed.astype(x.dtype)
@@ -217,10 +195,10 @@ class VisionTransformer(nn.Module):
                       name=f"blocks_{i}")(x, train)
             if i in stage_ends:
                 stages.append(x)
-        x = layer_norm(1e-6, self.dtype, "norm")(x)
+        x = layer_norm(TIMM_LN_EPS, self.dtype, "norm")(x)
         embedding = x[:, 0]
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=trunc_normal_02, name="head")(embedding)
+                          kernel_init=TRUNC_NORMAL_02, name="head")(embedding)
         return logits, {"embedding": embedding, "stages": stages}
 
 

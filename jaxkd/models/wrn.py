@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxkd.errors import ConfigError
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.resnet import _kaiming_fan_out, batch_norm, conv2d, torch_linear_init
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, torch_linear_init
 
 _STEM = 16
 
@@ -36,7 +36,7 @@ class WideBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = dict(kernel_init=_kaiming_fan_out, dtype=self.dtype)
+        conv = dict(kernel_init=KAIMING_FAN_OUT, dtype=self.dtype)
         activated = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         y = conv2d(self.out_channels, 3, self.stride, name="conv1", **conv)(activated)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(y))
@@ -56,7 +56,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, pre_stage=None):
         blocks = (self.depth - 4) // 6
-        x = conv2d(_STEM, 3, kernel_init=_kaiming_fan_out, dtype=self.dtype, name="conv1")(x)
+        x = conv2d(_STEM, 3, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype, name="conv1")(x)
         stages = []
         for group, width in enumerate((16, 32, 64)):
             if pre_stage is not None:
