@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import checkpoint, distill, models, recipes
 
@@ -40,6 +41,14 @@ def random_teacher(out_dir: str, num_classes: int, *, name: str = VIT, overrides
     variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)), train=False)
     return checkpoint.save_model(out_dir, jax.device_get(variables), model_name=name,
                                  num_classes=num_classes, overrides=overrides)
+
+
+def random_batches(num_steps, batch_size=16, image_size=16, num_classes=10):
+    """Train batches of random images and labels (numpy, as the pipeline yields them)."""
+    rng = np.random.RandomState(0)
+    return [{"image": rng.rand(batch_size, image_size, image_size, 3).astype(np.float32),
+             "label": rng.randint(0, num_classes, batch_size).astype(np.int32),
+             "index": np.arange(batch_size, dtype=np.int32)} for _ in range(num_steps)]
 
 
 def load_script(name: str):
