@@ -171,6 +171,35 @@ def test_each_member_computes_its_own_separate_run(teacher_dir, devices, seeds, 
     assert np.all(np.asarray(state.frozen_step) == 0)
 
 
+def test_vmap_over_members_spread_over_a_member_by_data_mesh(teacher_dir):
+    """map='vmap' on a (2 member x 4 data) mesh: each member on its half of the devices
+    computes the separate run on 4 devices. (SGD: Adam's normalised updates turn the float
+    noise of exactly-zero gradients, such as attention's key biases, into visible steps.)"""
+    config = recipes.population(_config(teacher_dir, "kd"), seeds=(0, 1), map="vmap",
+                                member_devices=2)
+    config.optimizer.update(name="sgd", lr=0.05)
+    mesh = population.mesh(config)
+    assert dict(mesh.shape) == {"member": 2, "data": 4}
+    psetup, teacher_variables = population.build(config, 10, 4, 4, mesh)
+    state = population.init_state(psetup)
+    train_step = population.jit_train_step(psetup)
+    batches = random_batches(2)
+    rows = []
+    for batch in batches:
+        state, metrics = train_step(state, teacher_variables, sharding.global_batch(batch, mesh))
+        rows.append(jax.device_get(metrics))
+    kernel = state.members.params["student"]["head"]["kernel"]
+    assert kernel.sharding.spec[0] == "member"
+    assert kernel.addressable_shards[0].data.shape[0] == 1  # one member per device group
+    separate_states, separate_metrics = _separate_runs(psetup, batches, _mesh(4))
+    for member, theirs, their_rows in zip(psetup.members, separate_states, separate_metrics):
+        _assert_close(population.member_state(state, member.index), theirs, member.label)
+        for row, their_row in zip(rows, their_rows):
+            for key, value in their_row.items():
+                np.testing.assert_allclose(row[key][member.index], value, rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{member.label}: {key}")
+
+
 # --- a population run: outputs, a frozen member, resume -----------------------------------------
 STEPS = 3
 
