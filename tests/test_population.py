@@ -19,7 +19,7 @@ from jaxkd import population, recipes, runner, sharding, step, train
 from jaxkd.errors import ConfigError, NonFiniteLossError, Preempted
 from jaxkd.metric_writer import read_metrics
 
-from helpers import TINY_VIT, random_batches, random_teacher, tiny_config
+from helpers import TINY_VIT, load_script, random_batches, random_teacher, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +343,17 @@ def test_the_run_stops_once_every_member_is_frozen(teacher_dir, digits_dir):
                                                  r"5; member 1 \(seed 1\) at step 6\. Last "
                                                  r"checkpoint: step 4 in /w/checkpoints"):
         trainee.check_nonfinite(fetched([5, 6]), 6, Checkpoints())
+
+
+def test_benchmark_prints_the_population_speed_up_line():
+    benchmark = load_script("benchmark")
+    # T = 1 s teacher forward, S = 1 s rest of a step: 4 members ideally take 1 + 4 s.
+    assert benchmark.ideal_speedup(4, 1.0, 2.0) == 8.0 / 5.0
+    assert benchmark.ideal_speedup(1, 1.0, 2.0) == 1.0
+    result = {"teacher_forward_s": 1.0, "single_step_s": 2.0, "rows": [
+        {"members": 4, "map": "loop", "step_s": 5.5, "single_steps_s": 8.0,
+         "speedup": 8.0 / 5.5, "ideal_speedup": benchmark.ideal_speedup(4, 1.0, 2.0),
+         "compile_s": 30.0}]}
+    lines = benchmark.population_lines(result)
+    assert lines[-1] == "population speed-up (K=4): 1.45x (ideal 1.60x)"
+    assert "| 4 | loop | 5500 | 8000 | 1.45x | 1.60x | 91% | 30.0 |" in lines
