@@ -82,13 +82,6 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _field(config, path: str):
-    value = config
-    for key in path.split("."):
-        value = value[key]
-    return value
-
-
 def _check_sweep_field(config, path: str, values) -> None:
     section, _, name = path.rpartition(".")
     if path == "seed":
@@ -99,7 +92,7 @@ def _check_sweep_field(config, path: str, values) -> None:
         raise ConfigError(f"population.sweep: method {config.method.name!r} has no field "
                           f"{name!r}")
     try:
-        current = _field(config, path)
+        current = run_config.field_value(config, path)
     except (KeyError, AttributeError):
         raise ConfigError(f"population.sweep: the config has no field {path}") from None
     if not ((path in _SWEEPABLE_FIELDS or section in _SWEEPABLE_SECTIONS) and
@@ -111,6 +104,8 @@ def _check_sweep_field(config, path: str, values) -> None:
             not all(_is_number(v) and math.isfinite(v) for v in values):
         raise ConfigError(f"population.sweep: {path} needs a non-empty tuple of finite "
                           f"numbers, got {values!r}")
+    if isinstance(current, int) and not all(float(v).is_integer() for v in values):
+        raise ConfigError(f"population.sweep: {path} is an integer field, got {tuple(values)}")
     if len(set(values)) != len(values):
         raise ConfigError(f"population.sweep: {path} repeats a value: {tuple(values)}")
 
@@ -122,8 +117,8 @@ def _member_config(config, seed: int, settings: dict):
         member.population = recipes.base_config().population
         for path, value in settings.items():
             section, _, name = path.rpartition(".")
-            target = _field(member, section) if section else member
-            target[name] = float(value) if isinstance(target[name], float) else value
+            target = run_config.field_value(member, section) if section else member
+            target[name] = type(target[name])(value)
     return member
 
 

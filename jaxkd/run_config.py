@@ -107,7 +107,8 @@ def population_metadata(config) -> dict | None:
             "sweep": {path: list(values) for path, values in population_sweep(config).items()}}
 
 
-def _number(config, path: str):
+def field_value(config, path: str):
+    """The value at a dotted field path ("optimizer.lr")."""
     value = config
     for key in path.split("."):
         value = value[key]
@@ -149,14 +150,14 @@ def check_config_values(config) -> None:
     problems = []
     for path, ok, want in _VALUE_CHECKS:
         try:
-            value = _number(config, path)
+            value = field_value(config, path)
         except (KeyError, AttributeError):
             continue  # a field this config does not have keeps its default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value) or not ok(value):
             problems.append(f"{path}={value!r} must be {want}")
     for path in _NAMES:
-        if not str(_number(config, path) or "").strip():
+        if not str(field_value(config, path) or "").strip():
             problems.append(f"{path} must not be empty")
     if problems:
         raise ConfigError("invalid config value(s): " + "; ".join(problems))

@@ -4,6 +4,9 @@
 (jaxkd.step), restores or initialises the state, then loops: step, log, evaluate
 (jaxkd.evaluators), checkpoint. Which method is used is data (`config.method.name`): what
 the run does differently for a method comes from the method's registered Requirements.
+What the loop trains is one student (`OneStudent`) or, for a config with `population`
+seeds or a sweep, a population of students sharing the teacher's forward
+(jaxkd.population.Population): both answer the same calls.
 """
 
 from __future__ import annotations

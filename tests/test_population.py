@@ -79,6 +79,7 @@ def test_members_are_the_product_of_the_sweep_and_the_seeds(teacher_dir):
     ({"method.kappa": ()}, "needs a non-empty tuple of finite numbers"),
     ({"method.kappa": (0.01, float("nan"))}, "needs a non-empty tuple of finite numbers"),
     ({"method.kappa": (0.01, 0.01)}, "repeats a value"),
+    ({"method.stats_groups": (1, 2.5)}, "method.stats_groups is an integer field"),
     ({"label_smoothing": (0.1, 1.0)}, "(seed 0, label_smoothing=1): invalid config value(s): "
                                       "label_smoothing=1.0 must be in [0, 1)"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
