@@ -16,26 +16,41 @@ class MetricWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        self._workdir = workdir
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = {}  # TensorBoard run (a sub-directory of tensorboard/, "" for none) -> writer
 
-    def write(self, step: int, metrics: dict) -> None:
+    def _tensorboard(self, run: str):
+        if run not in self._tb:
+            from tensorboardX import SummaryWriter
+
+            self._tb[run] = SummaryWriter(os.path.join(self._workdir, "tensorboard", run))
+        return self._tb[run]
+
+    def write(self, step: int, metrics: dict, *, labels: dict | None = None,
+              run: str = "") -> None:
+        """One row of scalars at `step`. `labels`: what else the row records, as it is (a
+        population member's index, seed and swept values); `run`: the TensorBoard run the
+        scalars go to (one per population member)."""
         if not self.enabled or not metrics:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        labels = labels or {}
+        self._jsonl.write(json.dumps({"step": int(step), **labels, **scalars}) + "\n")
         self._jsonl.flush()
+        tb = self._tensorboard(run)
         for k, v in scalars.items():
-            self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-        log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
+            tb.add_scalar(k, v, step)
+        tb.flush()
+        prefix = f"{run}: " if run else ""
+        log.info("step %d: %s%s", step, prefix,
+                 ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+            for tb in self._tb.values():
+                tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

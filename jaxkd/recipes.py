@@ -99,7 +99,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_cka_examples = 0
     c.checkpoint_every_steps = 1000
     c.progress_bar = True
+    # Population training (jaxkd.population): the product of `seeds` and the swept values,
+    # trained together in one step that runs the teacher once per batch. `sweep` maps a
+    # field's path to its values, nested like the config ({"method": {"rsd_weight": (...)}},
+    # or `population(config, sweep={"method.rsd_weight": (...)})`); `map` is how the step
+    # goes over the members: "loop" (each member's own program, unrolled; any sweep) or "vmap"
+    # (one program mapped over them; seeds only). `member_devices` > 1 (vmap only) spreads
+    # the members over that many groups of devices (a 2-D mesh: member x data). No seeds and
+    # no sweep: a single run with `seed`.
+    c.population = ml_collections.ConfigDict(
+        {"seeds": (), "sweep": ml_collections.ConfigDict(), "map": "loop", "member_devices": 1})
     return c
+
+
+def population(config: ml_collections.ConfigDict, *, seeds=(), sweep=None,
+               **fields) -> ml_collections.ConfigDict:
+    """Makes `config` a population of `seeds` x the values of `sweep` ({"method.rsd_weight":
+    (0.05, 0.1), ...}: a field's dotted path to its values); `fields`: map, member_devices."""
+    nested = ml_collections.ConfigDict()
+    for path, values in (sweep or {}).items():
+        *sections, name = path.split(".")
+        section = nested
+        for key in sections:
+            if key not in section:
+                section[key] = ml_collections.ConfigDict()
+            section = section[key]
+        section[name] = tuple(values)
+    config.population.update(seeds=tuple(seeds), sweep=nested, **fields)
+    return config
 
 
 def resolve_model(alias_or_name: str) -> str:

@@ -25,7 +25,8 @@ def resolve_durations(config, num_train_examples: int) -> tuple[int, int]:
 
 # Sections that check their own fields (a method's, the augmentations) or hold a model's
 # keyword arguments.
-_SELF_CHECKED_FIELDS = ("method", "augment", "student.overrides", "teacher.overrides")
+_SELF_CHECKED_FIELDS = ("method", "augment", "student.overrides", "teacher.overrides",
+                        "population.sweep")
 
 
 def check_config_fields(config) -> None:
@@ -67,15 +68,47 @@ def run_metadata(config, num_classes: int | None = None) -> dict:
             "method": config.method.name,
             "teacher": config.teacher.get("name", "") if uses_teacher else "",
             "teacher_overrides": model_overrides(config.teacher) if uses_teacher else {},
-            "dataset": config.dataset.name}
+            "dataset": config.dataset.name,
+            # A population's members (None for a single run): its seeds and swept values.
+            "population": population_metadata(config)}
     if num_classes is not None:
         meta["num_classes"] = num_classes
     return meta
 
 
 
+def population_sweep(config) -> dict[str, tuple]:
+    """`config.population.sweep` flattened: {dotted field path: its values}, in path order."""
+    sweep = {}
 
-def _number(config, path: str):
+    def walk(section, prefix):
+        for key, value in section.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, prefix + key + ".")
+            else:
+                sweep[prefix + key] = value
+
+    population = config.get("population")
+    if population is not None:
+        walk(population.get("sweep", {}), "")
+    return sweep
+
+
+def is_population(config) -> bool:
+    population = config.get("population")
+    return population is not None and bool(population.get("seeds") or population_sweep(config))
+
+
+def population_metadata(config) -> dict | None:
+    """A population's seeds and swept values as a checkpoint records them; None otherwise."""
+    if not is_population(config):
+        return None
+    return {"seeds": [int(s) for s in config.population.seeds or (config.seed,)],
+            "sweep": {path: list(values) for path, values in population_sweep(config).items()}}
+
+
+def field_value(config, path: str):
+    """The value at a dotted field path ("optimizer.lr")."""
     value = config
     for key in path.split("."):
         value = value[key]
@@ -117,14 +150,14 @@ def check_config_values(config) -> None:
     problems = []
     for path, ok, want in _VALUE_CHECKS:
         try:
-            value = _number(config, path)
+            value = field_value(config, path)
         except (KeyError, AttributeError):
             continue  # a field this config does not have keeps its default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value) or not ok(value):
             problems.append(f"{path}={value!r} must be {want}")
     for path in _NAMES:
-        if not str(_number(config, path) or "").strip():
+        if not str(field_value(config, path) or "").strip():
             problems.append(f"{path} must not be empty")
     if problems:
         raise ConfigError("invalid config value(s): " + "; ".join(problems))

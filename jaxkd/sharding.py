@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxkd.errors import ConfigError
 
 DATA_AXIS = "data"
+MEMBER_AXIS = "member"  # a population's members (jaxkd.population), on a 2-D mesh
 STRATEGIES = ("data", "fsdp")
 
 # Environment variables that start a multi-process run when the config leaves it unset.

@@ -54,14 +54,21 @@ class Setup:
 
 
 def build(config, num_classes: int, steps_per_epoch: int, total_steps: int, mesh, *,
-          num_train_examples: int = 0, train_labels: np.ndarray | None = None):
-    """(Setup, teacher variables placed on the mesh, or None) for a run config."""
+          num_train_examples: int = 0, train_labels: np.ndarray | None = None,
+          loaded_teacher: tuple[Setup, Any] | None = None):
+    """(Setup, teacher variables placed on the mesh, or None) for a run config.
+
+    `loaded_teacher`: (a Setup of the same teacher, its variables on the mesh), so that
+    several setups of one teacher (a population's members) load and place it once."""
     dtype = compute_dtype(config)
     image_size = config.dataset.image_size
     student = build_model(config.student, num_classes, dtype)
     requires = distill.method_requirements(config.method.name)
     teacher, teacher_variables, teacher_shardings = None, None, None
-    if requires.uses_teacher:
+    if requires.uses_teacher and loaded_teacher is not None:
+        other, teacher_variables = loaded_teacher
+        teacher, teacher_shardings = other.teacher, other.teacher_shardings
+    elif requires.uses_teacher:
         teacher, teacher_vars = load_teacher(config, num_classes, image_size, dtype,
                                              needs_logits=requires.teacher_logits
                                              or requires.teacher_head)
@@ -70,7 +77,9 @@ def build(config, num_classes: int, steps_per_epoch: int, total_steps: int, mesh
                 config.get("teacher_sharding", "data"), "teacher_sharding"))
         teacher_variables = sharding.put(teacher_vars, teacher_shardings)
     ctx = distill.MethodContext(
-        num_devices=mesh.size, label_smoothing=config.get("label_smoothing", 0.0),
+        # The devices one student's batch is split over (a population's member axis aside).
+        num_devices=mesh.shape[sharding.DATA_AXIS],
+        label_smoothing=config.get("label_smoothing", 0.0),
         num_train_examples=num_train_examples,
         train_labels=train_labels if requires.train_labels else None)
     method = distill.create_method(config.method, model_spec(student, image_size),
@@ -95,7 +104,7 @@ def _split_params(variables):
     return variables.pop("params", {}), variables
 
 
-def _init(setup: Setup, rng, images) -> TrainState:
+def initial_state(setup: Setup, rng, images) -> TrainState:
     """Initial state; `images` has the training batch's shape, which some methods need
     (RSD's per-device statistics split the batch into groups). Of the teacher only the shapes
     of its variables matter here: zeros stand in for its weights."""
@@ -130,7 +139,7 @@ def _init_images(setup: Setup):
 
 
 def _state_shapes(setup: Setup):
-    return jax.eval_shape(functools.partial(_init, setup), jax.random.PRNGKey(0),
+    return jax.eval_shape(functools.partial(initial_state, setup), jax.random.PRNGKey(0),
                           _init_images(setup))
 
 
@@ -156,13 +165,15 @@ def abstract_state(setup: Setup):
                         _state_shapes(setup), setup.state_shardings)
 
 
-def init_state(setup: Setup, seed: int) -> TrainState:
+def zero_images(setup: Setup):
+    """Inside a jitted initialisation: zeros shaped and split like the train batch's images."""
     spec = _init_images(setup)
+    return jax.lax.with_sharding_constraint(jnp.zeros(spec.shape, spec.dtype), spec.sharding)
 
+
+def init_state(setup: Setup, seed: int) -> TrainState:
     def init(rng):
-        images = jax.lax.with_sharding_constraint(jnp.zeros(spec.shape, spec.dtype),
-                                                  spec.sharding)
-        return _init(setup, rng, images)
+        return initial_state(setup, rng, zero_images(setup))
 
     return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(seed))
 
@@ -261,7 +272,12 @@ def eval_step(setup: Setup, params, student_state, batch) -> dict:
 
 def train_step(setup: Setup, state: TrainState, teacher_variables, batch):
     """One update of the student and the method's parts; returns (new state, metrics)."""
-    teacher = teacher_view(setup, teacher_variables, batch["image"])
+    return update(setup, state, teacher_view(setup, teacher_variables, batch["image"]), batch)
+
+
+def update(setup: Setup, state: TrainState, teacher: distill.TeacherView | None, batch):
+    """`train_step` given the teacher's view of the batch (which a population's members
+    share)."""
     rng = jax.random.fold_in(state.rng, state.step)
     (total, (values, model_state, logits)), grads = jax.value_and_grad(
         lambda params: loss(setup, params, state.model_state, teacher, batch, rng),

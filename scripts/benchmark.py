@@ -19,6 +19,12 @@ per-device figure (NVIDIA datasheet, dense), else for CPUs cores x clock x FLOPs
 `--input-pipeline` also measures the tf.data pipeline's own images/s (jaxkd.data) at the same
 batch and image size, to show whether it can feed the step. `--breakdown` times the teacher
 forward and the student forward/backward on their own (the rest is the optimiser update).
+
+`--population 2,4,8` also times, in the same process, one population step of K students
+(jaxkd.population, seeds 0..K-1, `--population-map`) against K single-student steps of the
+same pair, and prints for each K a line `population speed-up (K=4): 1.43x (ideal 1.45x)`.
+The ideal is K (T + S) / (T + K S): T the teacher forward timed alone, S the rest of a
+single step (its median minus T).
 """
 
 from __future__ import annotations
@@ -81,6 +87,14 @@ def parse_args(argv=None):
                    help="also time the teacher forward and student forward/backward alone")
     p.add_argument("--profile", action="store_true",
                    help="trace the jaxkd step (jax.profiler) and sum op time by part and kind")
+    p.add_argument("--population", default="",
+                   help="comma-separated member counts K: time a population step of K "
+                        "students against K single steps")
+    p.add_argument("--population-map", default="loop", choices=("loop", "vmap"),
+                   help="how the population step goes over its members")
+    p.add_argument("--member-devices", type=int, default=1,
+                   help="population: groups of devices the members are spread over (a "
+                        "member x data mesh; needs --population-map vmap)")
     p.add_argument("--input-pipeline", action="store_true")
     p.add_argument("--dataset", default="sklearn_digits", help="for --input-pipeline")
     p.add_argument("--data-dir", default="", help="TFDS data_dir for --input-pipeline")
@@ -223,11 +237,11 @@ def run_jaxkd(args) -> dict:
 
     config = _config(args)
     mesh = sharding.data_mesh()
-    with tempfile.TemporaryDirectory() as tmp:
-        if config.teacher.name:
-            config.teacher.checkpoint = _random_teacher_export(config, args.num_classes,
-                                                               args.image_size, tmp)
-        setup, teacher_vars = jaxkd_step.build(config, args.num_classes, 1000, 1000, mesh)
+    teacher_dir = tempfile.TemporaryDirectory()  # kept for the population's builds
+    if config.teacher.name:
+        config.teacher.checkpoint = _random_teacher_export(config, args.num_classes,
+                                                           args.image_size, teacher_dir.name)
+    setup, teacher_vars = jaxkd_step.build(config, args.num_classes, 1000, 1000, mesh)
     state = jaxkd_step.init_state(setup, 0)
     rng = np.random.RandomState(0)
     n, size = args.batch_size, args.image_size
@@ -261,9 +275,85 @@ def run_jaxkd(args) -> dict:
     result["device_kind"], result["platform"] = device.device_kind, device.platform
     if args.breakdown:
         result["breakdown"] = _breakdown(setup, teacher_vars, holder["state"], batch, args)
+    if args.population:
+        result["population"] = _population(config, setup, teacher_vars, batch, args,
+                                           result["step_s"])
+    teacher_dir.cleanup()
     if args.profile:
         result["profile"] = _profile(compiled, step, setup, args.steps)
     return result
+
+
+def ideal_speedup(members: int, teacher_s: float, single_step_s: float) -> float:
+    """K (T + S) / (T + K S): K single steps against a step that runs the teacher (T) once
+    and the rest of a step (S = single step - T) K times."""
+    student_s = max(single_step_s - teacher_s, 0.0)
+    return members * single_step_s / (teacher_s + members * student_s)
+
+
+def _population(config, setup, teacher_variables, batch, args, single_step_s: float) -> dict:
+    """Population steps of K members (seeds 0..K-1) against K single steps (`single_step_s`,
+    measured in this process); the ideal speed-up from the teacher forward timed alone."""
+    import functools
+
+    import jax
+
+    from jaxkd import population, recipes, sharding, step as jaxkd_step
+
+    teacher_s = 0.0
+    if setup.teacher is not None:
+        forward = jax.jit(functools.partial(jaxkd_step.teacher_forward, setup)).lower(
+            teacher_variables, batch["image"]).compile()
+        run = lambda: jax.block_until_ready(forward(teacher_variables, batch["image"]))  # noqa
+        _step_times(run, args.warmup)
+        teacher_s = statistics.median(_step_times(run, args.steps))
+    rows = []
+    for k in map(int, args.population.split(",")):
+        pconfig = recipes.population(config.copy_and_resolve_references(),
+                                     seeds=tuple(range(k)), map=args.population_map,
+                                     member_devices=args.member_devices)
+        mesh = population.mesh(pconfig)
+        psetup, pteacher = population.build(pconfig, args.num_classes, 1000, 1000, mesh)
+        pbatch = sharding.global_batch(jax.device_get(batch), mesh)
+        holder = {"state": population.init_state(psetup)}
+        start = time.perf_counter()
+        compiled = population.jit_train_step(psetup).lower(holder["state"], pteacher,
+                                                           pbatch).compile()
+        compile_s = time.perf_counter() - start
+
+        def step():
+            holder["state"], metrics = compiled(holder["state"], pteacher, pbatch)
+            jax.block_until_ready((holder["state"], metrics))
+
+        _step_times(step, args.warmup)
+        times = _step_times(step, args.steps)
+        step_s = statistics.median(times)
+        rows.append({"members": k, "map": args.population_map, "mesh": dict(mesh.shape),
+                     "step_s": step_s, "student_images_per_s": k * args.batch_size / step_s,
+                     "step_s_all": times, "compile_s": compile_s,
+                     "single_steps_s": k * single_step_s,
+                     "speedup": k * single_step_s / step_s,
+                     "ideal_speedup": ideal_speedup(k, teacher_s, single_step_s),
+                     "state_bytes_per_device": _per_device_bytes(
+                         (holder["state"].members.params, holder["state"].members.opt_state))})
+        del holder, compiled
+    return {"teacher_forward_s": teacher_s, "single_step_s": single_step_s, "rows": rows}
+
+
+def population_lines(population: dict) -> list[str]:
+    """The population table and one speed-up line per K."""
+    lines = [f"\npopulation (teacher forward alone {1e3 * population['teacher_forward_s']:.0f} "
+             f"ms, single step {1e3 * population['single_step_s']:.0f} ms):",
+             "| K | map | population step (ms) | K single steps (ms) | speed-up | ideal | "
+             "of ideal | compile (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in population["rows"]:
+        lines.append(f"| {r['members']} | {r['map']} | {1e3 * r['step_s']:.0f} | "
+                     f"{1e3 * r['single_steps_s']:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['ideal_speedup']:.2f}x | {100 * r['speedup'] / r['ideal_speedup']:.0f}% "
+                     f"| {r['compile_s']:.1f} |")
+    lines += [f"population speed-up (K={r['members']}): {r['speedup']:.2f}x "
+              f"(ideal {r['ideal_speedup']:.2f}x)" for r in population["rows"]]
+    return lines
 
 
 _HLO_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -683,6 +773,8 @@ def main(argv=None):
     if "peak_flops_source" in results:
         print(f"MFU peak: {results['peak_flops_source']}")
     print(format_table(results))
+    if "population" in jaxkd:
+        print("\n".join(population_lines(jaxkd["population"])))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -10,6 +10,16 @@ XLA's fake host devices (--xla_force_host_platform_device_count), which all shar
 machine's cores: there the table measures the partitioning and collective overhead of each
 strategy, not a speed-up. Efficiency = images/s on N devices / (N x images/s on 1 device).
 Writes scaling.md (table), scaling.json and scaling.png.
+
+`--members K` measures instead the member axis of a population (jaxkd.population, map
+'vmap'): K students on all `--devices` (the largest count), the devices split into
+(member groups x data) for each of `--member-devices` (1,2,8: 1 x 8, 2 x 4, 8 x 1), the
+global batch fixed at devices x per-device batch. The teacher runs once on the batch split
+over every device. Writes members.md and members.json: step time, student images/s (K x
+batch / step), parameters + optimiser state per device and compile time.
+
+  python scripts/scaling.py --members 8 --devices 8 --member-devices 1,2,8 \
+      --out-dir runs/scaling_members
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ def parse_args(argv=None):
                    help="force fake CPU devices (auto: when no accelerator is found)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out-dir", default="runs/scaling")
+    p.add_argument("--members", type=int, default=0,
+                   help="> 0: the member axis of a population of this many students")
+    p.add_argument("--member-devices", default="1,2,8",
+                   help="with --members: member groups to split the devices into")
     return p.parse_args(argv)
 
 
@@ -52,7 +66,8 @@ def _has_accelerator() -> bool:
     return out.stdout.strip() not in ("cpu", "")
 
 
-def measure(args, devices: int, strategy: str, fake: bool) -> dict:
+def _benchmark(args, devices: int, strategy: str, fake: bool, extra=()) -> dict:
+    """scripts/benchmark.py's jaxkd part on `devices` devices; its result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         command = [sys.executable, BENCHMARK, "--skip-torch", "--teacher", args.teacher,
@@ -62,7 +77,7 @@ def measure(args, devices: int, strategy: str, fake: bool) -> dict:
                    "--batch-size", str(devices * args.per_device_batch),
                    "--compute-dtype", args.compute_dtype, "--sharding", strategy,
                    "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--timeout", str(args.timeout), "--json", out]
+                   "--timeout", str(args.timeout), "--json", out, *extra]
         if args.cpus:
             command += ["--cpus", args.cpus]
         env = dict(os.environ)
@@ -75,7 +90,41 @@ def measure(args, devices: int, strategy: str, fake: bool) -> dict:
             result = json.load(f)
     part = result["parts"]["jaxkd"]
     if "skipped" in part:
-        raise RuntimeError(f"{devices} devices, {strategy}: {part['skipped']}")
+        raise RuntimeError(f"{devices} devices, {strategy} {' '.join(extra)}: "
+                           f"{part['skipped']}")
+    return part
+
+
+def measure_members(args, devices: int, groups: int, fake: bool) -> dict:
+    """A population of args.members students on `devices` devices in `groups` groups."""
+    part = _benchmark(args, devices, "data", fake, (
+        "--population", str(args.members), "--population-map", "vmap",
+        "--member-devices", str(groups)))
+    row = part["population"]["rows"][0]
+    return {"members": args.members, "member_groups": groups, "data": devices // groups,
+            "global_batch": devices * args.per_device_batch, **{k: row[k] for k in (
+                "step_s", "student_images_per_s", "compile_s", "state_bytes_per_device")}}
+
+
+def members_markdown(rows: list[dict], args, fake: bool) -> str:
+    lines = [f"Member axis: {args.members} students ({args.teacher} -> {args.student}, "
+             f"{args.method}, map vmap), {args.image_size} px, global batch "
+             f"{rows[0]['global_batch']}, {args.compute_dtype}, median of {args.steps} steps.",
+             ""]
+    if fake:
+        lines += ["Fake CPU devices share the machine's cores: the table shows how the layout "
+                  "changes the state per device and the overhead, not a speed-up.", ""]
+    lines += ["| member groups x data | step (ms) | student images/s | state per device (MiB) "
+              "| compile (s) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['member_groups']} x {r['data']} | {1e3 * r['step_s']:.0f} | "
+                     f"{r['student_images_per_s']:.1f} | "
+                     f"{r['state_bytes_per_device'] / 2**20:.1f} | {r['compile_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def measure(args, devices: int, strategy: str, fake: bool) -> dict:
+    part = _benchmark(args, devices, strategy, fake)
     return {"devices": devices, "strategy": strategy, "global_batch": devices *
             args.per_device_batch, **{k: part[k] for k in (
                 "step_s", "step_s_min", "images_per_s", "compile_s", "state_bytes_per_device",
@@ -144,13 +193,29 @@ def main(argv=None):
     args = parse_args(argv)
     fake = args.fake_devices == "yes" or (args.fake_devices == "auto" and
                                           not _has_accelerator())
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.members:
+        devices = max(map(int, args.devices.split(",")))
+        rows = []
+        for groups in map(int, args.member_devices.split(",")):
+            print(f"{args.members} members on {groups} x {devices // groups} devices ...",
+                  flush=True)
+            rows.append(measure_members(args, devices, groups, fake))
+        table = members_markdown(rows, args, fake)
+        print("\n" + table)
+        with open(os.path.join(args.out_dir, "members.md"), "w") as f:
+            f.write(table)
+        with open(os.path.join(args.out_dir, "members.json"), "w") as f:
+            json.dump({"setup": vars(args), "fake_cpu_devices": fake, "rows": rows}, f,
+                      indent=2)
+        print(f"wrote {args.out_dir}/members.md, members.json")
+        return
     rows = []
     for strategy in args.strategies.split(","):
         for devices in map(int, args.devices.split(",")):
             print(f"{devices} devices, {strategy} ...", flush=True)
             rows.append(measure(args, devices, strategy, fake))
     add_efficiency(rows)
-    os.makedirs(args.out_dir, exist_ok=True)
     table = markdown(rows, args, fake)
     print("\n" + table)
     with open(os.path.join(args.out_dir, "scaling.md"), "w") as f:

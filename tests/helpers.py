@@ -43,6 +43,14 @@ def random_teacher(out_dir: str, num_classes: int, *, name: str = VIT, overrides
                                  num_classes=num_classes, overrides=overrides)
 
 
+def random_batches(num_steps, batch_size=16, image_size=16, num_classes=10):
+    """Train batches of random images and labels (numpy, as the pipeline yields them)."""
+    rng = np.random.RandomState(0)
+    return [{"image": rng.rand(batch_size, image_size, image_size, 3).astype(np.float32),
+             "label": rng.randint(0, num_classes, batch_size).astype(np.int32),
+             "index": np.arange(batch_size, dtype=np.int32)} for _ in range(num_steps)]
+
+
 def load_script(name: str):
     """scripts/<name>.py as a module (the scripts are not a package)."""
     path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", f"{name}.py")

@@ -39,10 +39,42 @@ def test_unknown_pair_lists_the_pairs():
         _load("configs/rsd_cifar.py", "swin_t,res19")
 
 
-def test_digits_demo_config_is_a_suite():
+def test_digits_demo_config_is_a_suite_of_populations():
+    from jaxkd import population
+
     config = _load("configs/rsd_digits.py")
     assert list(config.run_order) == ["teacher", "scratch", "kd", "rsd"]
     assert config.runs.rsd.teacher.checkpoint == "run:teacher"
+    assert not population.run_config.is_population(config.runs.teacher)
+    for name in ("scratch", "kd", "rsd"):
+        members = population.members(config.runs[name])
+        assert [(m.seed, m.settings) for m in members] == [(0, {}), (1, {}), (2, {})]
+
+
+@pytest.mark.parametrize("pair", ["swin_t,res18", "mixer_b16,deit_t", "convnext_t,resmlp_s12"])
+def test_rsd_sweep_config_holds_the_papers_tables(pair):
+    from jaxkd import population
+
+    suite = _load("configs/rsd_sweep_cifar.py", pair)
+    assert list(suite.run_order) == ["lambda", "kappa", "gamma_half", "gamma_1", "gamma_2",
+                                     "gamma_4", "gamma_6"]
+    lambdas = population.members(suite.runs["lambda"])
+    assert sorted({m.settings["method.rsd_weight"] for m in lambdas}) == [
+        0.05, 0.075, 0.1, 0.15, 0.2]
+    assert len(lambdas) == 15 and {m.seed for m in lambdas} == {0, 1, 2}
+    kappas = population.members(_load("configs/rsd_sweep_cifar.py", pair + ",kappa"))
+    assert sorted({m.settings["method.kappa"] for m in kappas}) == [0.0, 0.001, 0.01, 0.02]
+    assert len(kappas) == 12
+    widths = _load("configs/rsd_sweep_cifar.py", pair + ",aad")
+    assert [widths.runs[name].method.expansion for name in widths.run_order] == [
+        0.5, 1.0, 2.0, 4.0, 6.0]
+    for name in widths.run_order:
+        assert [m.seed for m in population.members(widths.runs[name])] == [0, 1, 2]
+    teacher = recipes.ALIASES[pair.split(",")[0]]
+    assert suite.runs["lambda"].teacher.name == teacher
+    assert suite.runs["gamma_4"].teacher.checkpoint == f"teachers/{pair.split(',')[0]}_cifar100"
+    with pytest.raises(ConfigError, match="teacher,student\\[,table\\]"):
+        _load("configs/rsd_sweep_cifar.py", pair + ",gamma")
 
 
 def _main(*args, cwd=ROOT):

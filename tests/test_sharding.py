@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jaxkd import checkpoint, recipes, run_config, sharding, step
 from jaxkd.errors import ConfigError
 
-from helpers import random_teacher, tiny_config
+from helpers import random_batches, random_teacher, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,6 @@ def test_unknown_strategy_is_a_config_error():
         sharding.check_strategy("zero3", "teacher_sharding")
 
 
-def _random_batches(num_steps, batch_size=16, image_size=16):
-    rng = np.random.RandomState(0)
-    return [{"image": rng.rand(batch_size, image_size, image_size, 3).astype(np.float32),
-             "label": rng.randint(0, 10, batch_size).astype(np.int32),
-             "index": np.arange(batch_size, dtype=np.int32)} for _ in range(num_steps)]
-
-
 def _per_device_bytes(tree):
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
@@ -49,7 +42,7 @@ def _assert_trees_equal(a, b):
 
 def test_fsdp_and_data_parallel_take_the_same_steps(tmp_path, teacher_dir):
     mesh = sharding.data_mesh()
-    batches = _random_batches(3)
+    batches = random_batches(3)
     losses, states, trainers = {}, {}, {}
     for strategy in ("data", "fsdp"):
         config = tiny_config("rsd", teacher_checkpoint=teacher_dir, steps=3)
