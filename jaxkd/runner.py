@@ -180,14 +180,7 @@ def plot_accuracy_curves(workdir: str, entries: list[tuple], title: str) -> str:
                                 alpha=0.2, linewidth=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out top-1 (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    path = os.path.join(workdir, "accuracy.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, title, os.path.join(workdir, "accuracy.png"))
 
 
 def plot_sweeps(workdir: str, entries: list[tuple], title: str) -> str | None:
@@ -212,10 +205,13 @@ def plot_sweeps(workdir: str, entries: list[tuple], title: str) -> str | None:
                     label=f"{name}: {field}")
     ax.set_xlabel(" / ".join(sorted({field for _, field, _ in sweeps})))
     ax.set_ylabel("final held-out top-1 (%), mean ± std over seeds")
+    return _save_figure(plt, fig, ax, title, os.path.join(workdir, "sweep.png"))
+
+
+def _save_figure(plt, fig, ax, title: str, path: str) -> str:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    path = os.path.join(workdir, "sweep.png")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
