@@ -168,7 +168,9 @@ def test_knn_and_linear_probe_on_separable_toy_set():
 
 
 def test_coss_end_to_end_with_neighbour_sampler(tmp_path, digits_dir):
-    teacher = random_teacher(str(tmp_path / "teacher"), 10, name="resnet18",
+    # A headless backbone teaches, as CoSS's MoCo-v2 ResNet-50 does: an export without a
+    # classifier (num_classes 0, what convert_timm.py writes for a MoCo checkpoint).
+    teacher = random_teacher(str(tmp_path / "teacher"), 0, name="resnet18",
                              overrides=RESNET_OVERRIDES)
     config = tiny_config("coss", data_dir=digits_dir, teacher_checkpoint=teacher, steps=2,
                          hidden_dim=64)
@@ -181,8 +183,9 @@ def test_coss_end_to_end_with_neighbour_sampler(tmp_path, digits_dir):
     metrics = [m for m in read_metrics(workdir) if "train/loss" in m]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["train/coss"]) and "train/top1" not in m for m in metrics)
-    # Evaluated by k-NN on the embedding, not by the head no loss trained.
-    assert "eval/top1" not in result
+    # Evaluated by k-NN on the embedding, not by the head no loss trained; a headless teacher
+    # has no top-1 of its own.
+    assert "eval/top1" not in result and "eval/teacher_top1" not in result
     from jaxkd.analysis.representations import load_export
 
     student = load_export(os.path.join(workdir, "export"))
@@ -200,6 +203,11 @@ def test_coss_end_to_end_with_neighbour_sampler(tmp_path, digits_dir):
     index = np.load(neighbours.index_path(workdir, 8))
     assert index.shape == (1437, 8)
     assert not np.any(index == np.arange(1437)[:, None])
+    # A method that reads the teacher's logits cannot use that teacher.
+    kd = tiny_config("kd", data_dir=digits_dir, teacher_checkpoint=teacher, steps=1)
+    kd.teacher.name, kd.teacher.overrides = "resnet18", dict(RESNET_OVERRIDES)
+    with pytest.raises(ConfigError, match="without a classifier head.*reads the teacher's"):
+        train.train_and_evaluate(kd, str(tmp_path / "kd"))
 
 
 def test_probe_script_on_a_model_export(tmp_path, digits_dir):

@@ -117,19 +117,13 @@ def abstract_variables(name: str, num_classes: int, **overrides):
 
 def apply_converted(name: str, variables: Mapping[str, Any], images, **overrides):
     """`(logits, features)` of converted variables on NHWC images (jitted); logits are None
-    for a headless conversion. The Flax models always build a classifier, so a headless one
-    runs with a zero one-class placeholder head, which touches nothing but those logits."""
+    for a headless conversion (the model built with num_classes 0 has no classifier)."""
     converter = converter_for(name)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
     headless = not any(converter.is_head(path) for path in flat)
-    if headless:
-        placeholder = flax.traverse_util.flatten_dict(flax.core.unfreeze(
-            abstract_variables(name, 1, **overrides)))
-        flat.update({path: np.zeros(leaf.shape, leaf.dtype) for path, leaf in placeholder.items()
-                     if converter.is_head(path)})
-    num_classes = flat[("params", *converter.head, "kernel")].shape[-1]
+    num_classes = 0 if headless else flat[("params", *converter.head, "kernel")].shape[-1]
     model = registry.create_model(name, num_classes=num_classes, **overrides)
-    logits, features = jax.jit(model.apply)(flax.traverse_util.unflatten_dict(flat), images)
+    logits, features = jax.jit(model.apply)(variables, images)
     return (None if headless else logits), features
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from jaxkd.errors import ConfigError
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, torch_linear_init
+from jaxkd.models.layers import (KAIMING_FAN_OUT, batch_norm, classifier, conv2d,
+                                 torch_linear_init)
 from jaxkd.models.resnet import BasicBlock
 
 _THIN = (16, 16, 32, 64)  # stem and stage widths of resnet20/56/110
@@ -54,8 +55,8 @@ class CifarResNet(nn.Module):
             stages.append(x)
         embedding = jnp.mean(x, axis=(1, 2))
         kernel_init, bias_init = torch_linear_init(in_channels)
-        logits = nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=bias_init,
-                          dtype=self.dtype, param_dtype=jnp.float32, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=kernel_init,
+                            bias_init=bias_init, dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 

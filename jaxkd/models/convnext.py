@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, conv2d, drop_path,
+from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, classifier, conv2d, drop_path,
                                  drop_path_rates, layer_norm)
 from jaxkd.models.registry import register_model
 
@@ -80,7 +80,8 @@ class ConvNeXt(nn.Module):
                 block_index += 1
             stages.append(x)
         embedding = layer_norm(TIMM_LN_EPS, self.dtype, "head_norm")(jnp.mean(x, axis=(1, 2)))
-        logits = _dense(self.num_classes, self.dtype, "head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=TRUNC_NORMAL_02,
+                            dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 

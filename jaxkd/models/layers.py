@@ -295,3 +295,12 @@ def _shifted_depthwise_bwd(strides, padding, residuals, grad):
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
+def classifier(num_classes: int, embedding: jax.Array, **dense_kwargs) -> jax.Array:
+    """The classifier `head` on the pre-logits embedding (called inside a compact module).
+    With num_classes 0 there is none and the embedding comes back, as timm's identity head:
+    a headless backbone (a self-supervised teacher) for methods that read no logits."""
+    if not num_classes:
+        return embedding
+    return nn.Dense(num_classes, param_dtype=jnp.float32, name="head", **dense_kwargs)(embedding)

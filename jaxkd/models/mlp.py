@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.layers import TIMM_LN_EPS, drop_path, layer_norm
+from jaxkd.models.layers import TIMM_LN_EPS, classifier, drop_path, layer_norm
 from jaxkd.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -134,8 +134,8 @@ class MlpMixer(nn.Module):
         else:
             x = layer_norm(TIMM_LN_EPS, self.dtype, "norm")(x)
         embedding = x.mean(axis=1)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=nn.initializers.zeros, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, dtype=self.dtype,
+                            kernel_init=nn.initializers.zeros)
         return logits, {"embedding": embedding, "stages": stages}
 
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.layers import batch_norm, conv2d, drop_path
+from jaxkd.models.layers import batch_norm, classifier, conv2d, drop_path
 from jaxkd.models.registry import register_model
 
 # (expansion, out channels, repeats, first stride) of each stack; stack 0 is the depthwise-
@@ -121,8 +121,7 @@ class MobileNetV2(nn.Module):
         embedding = jnp.mean(x, axis=(1, 2))
         # timm: uniform(+-1/sqrt(fan_out)) kernel, zero bias.
         kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
-        logits = nn.Dense(self.num_classes, kernel_init=kernel_init, dtype=self.dtype,
-                          param_dtype=jnp.float32, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=kernel_init, dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 

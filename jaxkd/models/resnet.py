@@ -7,7 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, drop_path, torch_linear_init
+from jaxkd.models.layers import (KAIMING_FAN_OUT, batch_norm, classifier, conv2d, drop_path,
+                                 torch_linear_init)
 from jaxkd.models.registry import register_model
 
 
@@ -103,8 +104,8 @@ class ResNet(nn.Module):
             stages.append(x)
         embedding = jnp.mean(x, axis=(1, 2))
         kernel_init, bias_init = torch_linear_init(in_channels)
-        logits = nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=bias_init,
-                          dtype=self.dtype, param_dtype=jnp.float32, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=kernel_init,
+                            bias_init=bias_init, dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 

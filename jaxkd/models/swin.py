@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.models.layers import (TORCH_LN_EPS, TRUNC_NORMAL_02, drop_path, drop_path_rates,
-                                 layer_norm)
+from jaxkd.models.layers import (TORCH_LN_EPS, TRUNC_NORMAL_02, classifier, drop_path,
+                                 drop_path_rates, layer_norm)
 from jaxkd.models.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
 from jaxkd.models.vit import Mlp, PatchEmbed, PreStage, attention_weights, check_image, to_2tuple
 
@@ -247,8 +247,8 @@ class SwinTransformer(nn.Module):
             stages.append(x)
         x = layer_norm(TORCH_LN_EPS, self.dtype, "norm")(x)
         embedding = x.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=TRUNC_NORMAL_02, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, dtype=self.dtype,
+                            kernel_init=TRUNC_NORMAL_02)
         return logits, {"embedding": embedding, "stages": stages}
 
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, classifier, conv2d
 
 _VGG8 = ((64,), (128,), (256,), (512,), (512,))
 _VGG13 = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
@@ -57,8 +57,8 @@ class VGG(nn.Module):
             if b > 0:
                 stages.append(x)
         embedding = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
-                          dtype=self.dtype, param_dtype=jnp.float32, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=nn.initializers.normal(0.01),
+                            dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, conv2d, drop_path, drop_path_rates,
-                                 layer_norm)
+from jaxkd.models.layers import (TIMM_LN_EPS, TRUNC_NORMAL_02, classifier, conv2d, drop_path,
+                                 drop_path_rates, layer_norm)
 from jaxkd.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -197,8 +197,8 @@ class VisionTransformer(nn.Module):
                 stages.append(x)
         x = layer_norm(TIMM_LN_EPS, self.dtype, "norm")(x)
         embedding = x[:, 0]
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=TRUNC_NORMAL_02, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, dtype=self.dtype,
+                            kernel_init=TRUNC_NORMAL_02)
         return logits, {"embedding": embedding, "stages": stages}
 
 

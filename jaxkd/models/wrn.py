@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxkd.errors import ConfigError
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, conv2d, torch_linear_init
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, classifier, conv2d, torch_linear_init
 
 _STEM = 16
 
@@ -68,8 +68,7 @@ class WideResNet(nn.Module):
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         embedding = jnp.mean(x, axis=(1, 2))
         kernel_init, _ = torch_linear_init(x.shape[-1])
-        logits = nn.Dense(self.num_classes, kernel_init=kernel_init, dtype=self.dtype,
-                          param_dtype=jnp.float32, name="head")(embedding)
+        logits = classifier(self.num_classes, embedding, kernel_init=kernel_init, dtype=self.dtype)
         return logits, {"embedding": embedding, "stages": stages}
 
 
