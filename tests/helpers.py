@@ -80,7 +80,7 @@ def apply_method(method, variables, student, teacher, batch, *, teacher_forward=
     return distill.total_loss(out)
 
 
-def random_batches(name: str, data_dir: str, *, global_batch_size: int, image_size: int,
+def sampler_batches(name: str, data_dir: str, *, global_batch_size: int, image_size: int,
                    seed: int, augment, train_fraction: float = 1.0, **batches_kwargs):
     """The random sampler's train batches of a dataset; `augment` holds AugmentConfig fields
     (None: a plain resize), `batches_kwargs` go to `RandomSampler.batches`."""

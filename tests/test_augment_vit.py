@@ -17,7 +17,7 @@ from jaxkd.data import augment as augment_lib
 from jaxkd.data import randaugment
 from jaxkd.errors import ConfigError
 
-from helpers import random_batches
+from helpers import sampler_batches
 
 DIGITS = "sklearn_digits"
 VIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
@@ -452,7 +452,7 @@ def digits_train(digits_dir, **kwargs):
     """A quarter of the train split: 11 steps an epoch."""
     kwargs = {"global_batch_size": 32, "image_size": 16, "seed": 0, "augment": PER_PROCESS,
               "train_fraction": 0.25} | kwargs
-    return random_batches(DIGITS, digits_dir, **kwargs)
+    return sampler_batches(DIGITS, digits_dir, **kwargs)
 
 
 PER_PROCESS = VIT_RECIPE | {"mix_per_device": False}

@@ -24,7 +24,7 @@ from jaxkd.data import datasets, pipeline
 from jaxkd.errors import ConfigError
 
 from conftest import MOCK_CIFAR_EXAMPLES
-from helpers import random_batches
+from helpers import sampler_batches
 
 DIGITS = "sklearn_digits"
 
@@ -65,7 +65,7 @@ def assert_batches_equal(batches, expected):
 
 def digits_train(digits_dir, **kwargs):
     kwargs = {"global_batch_size": 64, "image_size": 8, "seed": 0, "augment": None} | kwargs
-    return random_batches(DIGITS, digits_dir, **kwargs)
+    return sampler_batches(DIGITS, digits_dir, **kwargs)
 
 
 def test_digits_builder_prepares_offline_with_documented_split(tmp_path):
@@ -308,7 +308,7 @@ def test_mock_cifar100_train_and_eval(mock_cifar):
 
     def train(**kwargs):
         kwargs = {"global_batch_size": 16, "image_size": 40, "seed": 0, "augment": {}} | kwargs
-        return random_batches("cifar100", mock_cifar, **kwargs)
+        return sampler_batches("cifar100", mock_cifar, **kwargs)
 
     batches = take(train(), 5)  # 3 steps per epoch: crosses an epoch boundary.
     for batch in batches:
