@@ -144,8 +144,9 @@ def cka(ctx: EvalContext):
     """eval/cka_*: teacher-student linear CKA per stage and of the embeddings."""
     setup = ctx.setup
     if setup.teacher is None:
-        raise ConfigError("the cka evaluator compares the teacher's stages with the "
-                          f"student's, but method {ctx.config.method.name!r} has no teacher")
+        raise ConfigError("the cka evaluator (config.evals, or eval_cka_examples > 0) compares "
+                          "the teacher's stages with the student's, but method "
+                          f"{ctx.config.method.name!r} has no teacher")
     num_examples = ctx.config.get("eval_cka_examples", 0)
     if num_examples <= 0:
         raise ConfigError("the cka evaluator needs config.eval_cka_examples > 0")

@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from jaxkd import checkpoint, data, run_config, sharding, step
+from jaxkd import checkpoint, data, sharding, step
+from jaxkd import run_config as run_checks
 from jaxkd.metric_writer import read_metrics
 
 from helpers import random_teacher, tiny_config
@@ -76,7 +77,7 @@ def _reference_run(config, mesh):
     ds = config.dataset
     dataset = data.open_dataset(ds.name, ds.data_dir)
     info = dataset.info
-    steps_per_epoch, total_steps = run_config.resolve_durations(config,
+    steps_per_epoch, total_steps = run_checks.resolve_durations(config,
                                                                 info.num_train_examples)
     setup, teacher_variables = step.build(config, info.num_classes, steps_per_epoch,
                                           total_steps, mesh)
@@ -127,7 +128,7 @@ def test_two_processes_match_one_process(tmp_path):
     # The checkpoint both processes wrote (FSDP: each its own shards) restores in full.
     ckpt = checkpoint.TrainCheckpointer(workdir)
     assert ckpt.latest_step() == STEPS
-    restored = ckpt.restore(STEPS, step.abstract_state(setup), run_config.run_metadata(config))
+    restored = ckpt.restore(STEPS, step.abstract_state(setup), run_checks.run_metadata(config))
     ckpt.close()
     jax.tree.map(_assert_close_to_scale, restored.params, reference.params)
     jax.tree.map(_assert_close_to_scale, restored.opt_state, reference.opt_state)
