@@ -763,6 +763,8 @@ def main(argv=None):
     for part in parts:
         print(f"running {part} ...", flush=True)
         results["parts"][part] = _run_part(part, argv, args)
+        # Other processes share the CPUs: the load when each part ended, to read its times by.
+        results["parts"][part]["load_average_after"] = os.getloadavg()
         if "skipped" in results["parts"][part]:
             print(f"  {part} skipped: {results['parts'][part]['skipped']}")
     peak = add_mfu(results, args)

@@ -103,7 +103,8 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+            stats_dtype = x.dtype if self.dtype is None else self.dtype
+            stats = x.astype(jnp.promote_types(stats_dtype, jnp.float32))
             mean = stats.mean(reduction_axes)
             var = lax.square(stats - jnp.expand_dims(mean, reduction_axes)).mean(reduction_axes)
             if not self.is_initializing():
@@ -122,7 +123,7 @@ class BatchNorm(nn.Module):
         y = x - mean.reshape(shape)
         y = y * (lax.rsqrt(var.reshape(shape) + self.epsilon) * scale.reshape(shape))
         y = y + bias.reshape(shape)
-        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+        return y.astype(jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype)
 
 
 def batch_norm(train: bool, *, axis: int = -1, eps: float = BN_EPS, zero_scale: bool = False,
@@ -165,7 +166,7 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", self.kernel_init,
                             kernel_size + (in_features // self.groups, self.features),
                             self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x, kernel)
+        dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         if 1 < self.groups == in_features == self.features:
             y = depthwise_conv2d(x, kernel, strides, padding)
@@ -194,7 +195,7 @@ def conv2d(features: int, kernel: IntPair, stride: IntPair = 1, *, padding: IntP
 # --- depthwise convolution ---------------------------------------------------------------
 # Lowering of a depthwise conv per JAX backend ("xla" where a backend is not listed), chosen by
 # measurement (docs/benchmarks.md, scripts/depthwise_benchmark.py): XLA's CPU convolution with
-# feature_group_count = channels is 3-30x slower than the same conv written as kh * kw
+# feature_group_count = channels is 6-50x slower than the same conv written as kh * kw
 # shifted multiply-adds, forward and backward. GPUs keep XLA's (cuDNN) convolution.
 DEPTHWISE_LOWERING = {"cpu": "shifted"}
 LOWERINGS = ("xla", "shifted")
