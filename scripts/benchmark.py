@@ -22,9 +22,11 @@ forward and the student forward/backward on their own (the rest is the optimiser
 
 `--population 2,4,8` also times, in the same process, one population step of K students
 (jaxkd.population, seeds 0..K-1, `--population-map`) against K single-student steps of the
-same pair, and prints for each K a line `population speed-up (K=4): 1.43x (ideal 1.45x)`.
-The ideal is K (T + S) / (T + K S): T the teacher forward timed alone, S the rest of a
-single step (its median minus T).
+same pair, in rounds (a single step, the teacher forward alone, a population step) so that
+the load of a shared machine drifts alike for all three, and prints for each K a line
+`population speed-up (K=4): 1.43x (ideal 1.45x)`: K times the single step over the
+population step, medians over the rounds. The ideal is K (T + S) / (T + K S): T the teacher
+forward alone, S the rest of a single step (the single step minus T).
 """
 
 from __future__ import annotations
@@ -276,12 +278,22 @@ def run_jaxkd(args) -> dict:
     if args.breakdown:
         result["breakdown"] = _breakdown(setup, teacher_vars, holder["state"], batch, args)
     if args.population:
-        result["population"] = _population(config, setup, teacher_vars, batch, args,
-                                           result["step_s"])
+        result["population"] = _population(config, setup, teacher_vars, batch, args, step)
     teacher_dir.cleanup()
     if args.profile:
         result["profile"] = _profile(compiled, step, setup, args.steps)
     return result
+
+
+def _wall_and_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, this process's user + system CPU seconds) of one call."""
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    wall, cpu_start = time.perf_counter(), cpu()
+    fn()
+    return time.perf_counter() - wall, cpu() - cpu_start
 
 
 def ideal_speedup(members: int, teacher_s: float, single_step_s: float) -> float:
@@ -291,22 +303,23 @@ def ideal_speedup(members: int, teacher_s: float, single_step_s: float) -> float
     return members * single_step_s / (teacher_s + members * student_s)
 
 
-def _population(config, setup, teacher_variables, batch, args, single_step_s: float) -> dict:
-    """Population steps of K members (seeds 0..K-1) against K single steps (`single_step_s`,
-    measured in this process); the ideal speed-up from the teacher forward timed alone."""
+def _population(config, setup, teacher_variables, batch, args, single_step) -> dict:
+    """Population steps of K members (seeds 0..K-1) against K single steps. On a shared
+    machine the load drifts, so each of --steps rounds times one single step
+    (`single_step()`), the teacher forward alone and one population step back to back; the
+    medians over the rounds give the speed-up and its ideal."""
     import functools
 
     import jax
 
     from jaxkd import population, recipes, sharding, step as jaxkd_step
 
-    teacher_s = 0.0
+    teacher_forward = lambda: None  # noqa: E731  (no teacher: T = 0)
     if setup.teacher is not None:
         forward = jax.jit(functools.partial(jaxkd_step.teacher_forward, setup)).lower(
             teacher_variables, batch["image"]).compile()
-        run = lambda: jax.block_until_ready(forward(teacher_variables, batch["image"]))  # noqa
-        _step_times(run, args.warmup)
-        teacher_s = statistics.median(_step_times(run, args.steps))
+        teacher_forward = lambda: jax.block_until_ready(  # noqa: E731
+            forward(teacher_variables, batch["image"]))
     rows = []
     for k in map(int, args.population.split(",")):
         pconfig = recipes.population(config.copy_and_resolve_references(),
@@ -321,38 +334,50 @@ def _population(config, setup, teacher_variables, batch, args, single_step_s: fl
                                                            pbatch).compile()
         compile_s = time.perf_counter() - start
 
-        def step():
+        def population_step():
             holder["state"], metrics = compiled(holder["state"], pteacher, pbatch)
             jax.block_until_ready((holder["state"], metrics))
 
-        _step_times(step, args.warmup)
-        times = _step_times(step, args.steps)
-        step_s = statistics.median(times)
+        _step_times(population_step, args.warmup)
+        rounds = [[_wall_and_cpu(f) for f in (single_step, teacher_forward, population_step)]
+                  for _ in range(args.steps)]
+        (single_s, teacher_s, step_s), (single_cpu, teacher_cpu, step_cpu) = (
+            [statistics.median(r[i][j] for r in rounds) for i in range(3)] for j in range(2))
         rows.append({"members": k, "map": args.population_map, "mesh": dict(mesh.shape),
                      "step_s": step_s, "student_images_per_s": k * args.batch_size / step_s,
-                     "step_s_all": times, "compile_s": compile_s,
-                     "single_steps_s": k * single_step_s,
-                     "speedup": k * single_step_s / step_s,
-                     "ideal_speedup": ideal_speedup(k, teacher_s, single_step_s),
+                     "rounds_single_teacher_population_wall_cpu_s": rounds,
+                     "compile_s": compile_s,
+                     "single_step_s": single_s, "teacher_forward_s": teacher_s,
+                     "single_steps_s": k * single_s, "speedup": k * single_s / step_s,
+                     "ideal_speedup": ideal_speedup(k, teacher_s, single_s),
+                     # the same from the process's CPU time, which other jobs disturb less
+                     "cpu_s": {"single_step": single_cpu, "teacher_forward": teacher_cpu,
+                               "population_step": step_cpu},
+                     "cpu_speedup": k * single_cpu / step_cpu,
+                     "cpu_ideal_speedup": ideal_speedup(k, teacher_cpu, single_cpu),
                      "state_bytes_per_device": _per_device_bytes(
                          (holder["state"].members.params, holder["state"].members.opt_state))})
         del holder, compiled
-    return {"teacher_forward_s": teacher_s, "single_step_s": single_step_s, "rows": rows}
+    return {"rows": rows}
 
 
 def population_lines(population: dict) -> list[str]:
     """The population table and one speed-up line per K."""
-    lines = [f"\npopulation (teacher forward alone {1e3 * population['teacher_forward_s']:.0f} "
-             f"ms, single step {1e3 * population['single_step_s']:.0f} ms):",
-             "| K | map | population step (ms) | K single steps (ms) | speed-up | ideal | "
-             "of ideal | compile (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["\npopulation (medians over rounds of a single step, the teacher forward alone "
+             "and a population step):",
+             "| K | map | population step (ms) | single step (ms) | teacher forward (ms) | "
+             "speed-up | ideal | of ideal | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in population["rows"]:
         lines.append(f"| {r['members']} | {r['map']} | {1e3 * r['step_s']:.0f} | "
-                     f"{1e3 * r['single_steps_s']:.0f} | {r['speedup']:.2f}x | "
+                     f"{1e3 * r['single_step_s']:.0f} | {1e3 * r['teacher_forward_s']:.0f} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['ideal_speedup']:.2f}x | {100 * r['speedup'] / r['ideal_speedup']:.0f}% "
                      f"| {r['compile_s']:.1f} |")
     lines += [f"population speed-up (K={r['members']}): {r['speedup']:.2f}x "
               f"(ideal {r['ideal_speedup']:.2f}x)" for r in population["rows"]]
+    lines += [f"  by CPU time (K={r['members']}): {r['cpu_speedup']:.2f}x (ideal "
+              f"{r['cpu_ideal_speedup']:.2f}x)" for r in population["rows"] if "cpu_speedup" in r]
     return lines
 
 
