@@ -40,7 +40,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -220,6 +219,12 @@ def _check_same_state(members, setups) -> None:
             f"({member.label} differs from member 0 at {where[0]}); {_SUITE_HINT}")
 
 
+def _member_axis(mesh_) -> str | None:
+    """The mesh axis the members are split over; None on the data mesh (each device holds
+    every member)."""
+    return sharding.MEMBER_AXIS if sharding.MEMBER_AXIS in mesh_.axis_names else None
+
+
 def _stacked_sharding(sharding_, axis):
     return NamedSharding(sharding_.mesh, P(axis, *sharding_.spec))
 
@@ -237,7 +242,7 @@ def build(config, num_classes: int, steps_per_epoch: int, total_steps: int, mesh
             loaded_teacher=(setups[0], teacher_variables) if setups else None)
         setups.append(setup)
     _check_same_state(population_members, setups)
-    member_axis = sharding.MEMBER_AXIS if sharding.MEMBER_AXIS in mesh_.axis_names else None
+    member_axis = _member_axis(mesh_)
     members_shardings = jax.tree.map(lambda s: _stacked_sharding(s, member_axis),
                                      setups[0].state_shardings)
     psetup = PopulationSetup(mesh=mesh_, members=tuple(population_members),
@@ -293,7 +298,7 @@ def _teacher_view(psetup: PopulationSetup, teacher_variables, images):
     setup = psetup.setups[0]
     if setup.teacher is None:
         return None
-    if sharding.MEMBER_AXIS not in psetup.mesh.axis_names:
+    if _member_axis(psetup.mesh) is None:
         return step.teacher_view(setup, teacher_variables, images)
     everywhere = NamedSharding(psetup.mesh, P((sharding.MEMBER_AXIS, sharding.DATA_AXIS)))
     logits, features = step.teacher_forward(
@@ -314,11 +319,9 @@ def train_step(psetup: PopulationSetup, state: PopulationState, teacher_variable
                    for i, setup in enumerate(psetup.setups)]
         members_, metrics = _stack([r[0] for r in results]), _stack([r[1] for r in results])
     else:
-        member_axis = (sharding.MEMBER_AXIS if sharding.MEMBER_AXIS in psetup.mesh.axis_names
-                       else None)
         members_, metrics = jax.vmap(
             lambda s: step.update(psetup.setups[0], s, teacher, batch),
-            spmd_axis_name=member_axis)(state.members)
+            spmd_axis_name=_member_axis(psetup.mesh))(state.members)
     return _freeze(psetup, state, members_, metrics)
 
 

@@ -173,12 +173,14 @@ def test_each_member_computes_its_own_separate_run(teacher_dir, devices, seeds, 
 
 
 def test_vmap_over_members_spread_over_a_member_by_data_mesh(teacher_dir):
-    """map='vmap' on a (2 member x 4 data) mesh: each member on its half of the devices
-    computes the separate run on 4 devices. (SGD: Adam's normalised updates turn the float
-    noise of exactly-zero gradients, such as attention's key biases, into visible steps.)"""
+    """map='vmap' on a (2 member x 4 data) mesh, FSDP inside each member group: each member
+    on its half of the devices computes the separate run on 4 devices. (SGD: Adam's
+    normalised updates turn the float noise of exactly-zero gradients, such as attention's
+    key biases, into visible steps.)"""
     config = recipes.population(_config(teacher_dir, "kd"), seeds=(0, 1), map="vmap",
                                 member_devices=2)
     config.optimizer.update(name="sgd", lr=0.05)
+    config.sharding = "fsdp"
     mesh = population.mesh(config)
     assert dict(mesh.shape) == {"member": 2, "data": 4}
     psetup, teacher_variables = population.build(config, 10, 4, 4, mesh)
@@ -189,9 +191,9 @@ def test_vmap_over_members_spread_over_a_member_by_data_mesh(teacher_dir):
     for batch in batches:
         state, metrics = train_step(state, teacher_variables, sharding.global_batch(batch, mesh))
         rows.append(jax.device_get(metrics))
-    kernel = state.members.params["student"]["head"]["kernel"]
-    assert kernel.sharding.spec[0] == "member"
-    assert kernel.addressable_shards[0].data.shape[0] == 1  # one member per device group
+    qkv = state.members.params["student"]["blocks_0"]["attn"]["qkv"]["kernel"]  # [2, 32, 96]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("member", None, "data")
+    assert qkv.addressable_shards[0].data.shape == (1, 32, 24)  # one member, 1/4 of it
     separate_states, separate_metrics = _separate_runs(psetup, batches, _mesh(4))
     for member, theirs, their_rows in zip(psetup.members, separate_states, separate_metrics):
         _assert_close(population.member_state(state, member.index), theirs, member.label)
