@@ -68,7 +68,7 @@ def model_spec(handle: ModelHandle, image_size: int) -> distill.ModelSpec:
         name=handle.name, num_classes=handle.num_classes,
         embed_dim=features["embedding"].shape[-1],
         stage_shapes=tuple(tuple(s.shape[1:]) for s in features["stages"]),
-        token_stages=models.model_info(handle.name).family != "cnn")
+        token_stages=models.model_info(handle.name).token_stages)
 
 
 def check_variables(expected, actual, what: str) -> None:

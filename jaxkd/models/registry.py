@@ -38,6 +38,10 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
+    # Whether OFA and PAT treat its stage features as tokens (ViT/MLP branches and aligners)
+    # rather than CNN maps; a hierarchical MLP with conv-like stages (CycleMLP) is 'mlp' by
+    # recipe but 'maps' by features, as the official OFA-KD code classifies it.
+    token_stages: bool = True
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -50,8 +54,10 @@ def register_model(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     input_size: int = 224,
+    token_stages: bool | None = None,
 ):
-    """Decorator registering `builder(num_classes=..., **overrides)` under a timm model name."""
+    """Decorator registering `builder(num_classes=..., **overrides)` under a timm model name;
+    `token_stages` defaults to every family but 'cnn'."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
@@ -59,7 +65,8 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelInfo(
-            name, family, builder, tuple(mean), tuple(std), input_size
+            name, family, builder, tuple(mean), tuple(std), input_size,
+            family != "cnn" if token_stages is None else token_stages,
         )
         return builder
 
