@@ -19,7 +19,8 @@ ALIASES = {
     "vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224",
     "swin_t": "swin_tiny_patch4_window7_224", "swin_n": "swin_nano_patch4_window7_224",
     "swin_p": "swin_pico_patch4_window7_224", "mixer_b16": "mixer_b16_224",
-    "resmlp_s12": "resmlp_12_224",
+    "resmlp_s12": "resmlp_12_224", "vip_s7": "vip_s7", "cyclemlp_b3": "cyclemlp_b3",
+    "hiremlp_s": "hire_mlp_small",
 }
 
 # (teacher, student) pairs of the papers' tables (REFERENCE.md section 3).
@@ -40,6 +41,10 @@ IMAGENET_PAIRS = (
     ("res50", "swin_n"), ("convnext_t", "swin_n"), ("mixer_b16", "swin_n"),
     ("res50", "resmlp_s12"), ("convnext_t", "resmlp_s12"), ("swin_t", "resmlp_s12"),
 )
+
+# The OFA-KD supplement's MLP students (its section A, Figure 5), all taught by a ViT-B.
+OFA_MLP_PAIRS = (("vit_b", "mixer_b16"), ("vit_b", "vip_s7"), ("vit_b", "cyclemlp_b3"),
+                 ("vit_b", "hiremlp_s"))
 
 
 
@@ -277,10 +282,11 @@ def parse_student(arg: str, pairs) -> str:
     return resolve_model(arg)
 
 
-def scratch_config(setting: str, arg: str) -> ml_collections.ConfigDict:
-    """Cross-entropy training of the student of `arg` (see parse_student) without a teacher."""
-    pairs, recipe = _setting(setting)
-    student = parse_student(arg, pairs)
+def scratch_config(setting: str, arg: str, *, pairs=None) -> ml_collections.ConfigDict:
+    """Cross-entropy training of the student of `arg` (see parse_student; among `pairs` when
+    given, else the setting's) without a teacher."""
+    setting_pairs, recipe = _setting(setting)
+    student = parse_student(arg, setting_pairs if pairs is None else pairs)
     config = base_config()
     recipe(config, student)
     config.student.name = student
