@@ -800,8 +800,8 @@ def main(argv=None):
     if "peak_flops_source" in results:
         print(f"MFU peak: {results['peak_flops_source']}")
     print(format_table(results))
-    if "population" in jaxkd:
-        print("\n".join(population_lines(jaxkd["population"])))
+    if "population" in results["parts"]["jaxkd"]:
+        print("\n".join(population_lines(results["parts"]["jaxkd"]["population"])))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

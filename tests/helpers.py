@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd import checkpoint, data, distill, models, recipes
+from jaxkd import checkpoint, data, distill, models, recipes, train
+from jaxkd.metric_writer import read_metrics
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
 VIT = "deit_tiny_patch16_224"
+TINY_RESNET = {"layers": [1, 1, 1, 1]}
 
 
 def tiny_config(method: str = "ce", *, data_dir: str = "", dataset: str = "sklearn_digits",
@@ -41,6 +43,30 @@ def random_teacher(out_dir: str, num_classes: int, *, name: str = VIT, overrides
     variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)), train=False)
     return checkpoint.save_model(out_dir, jax.device_get(variables), model_name=name,
                                  num_classes=num_classes, overrides=overrides)
+
+
+def random_teachers(root) -> dict[str, str]:
+    """Random 10-class teachers for the digits: a tiny DeiT ('vit') and ResNet18 ('cnn')."""
+    return {"vit": random_teacher(str(root / "vit"), num_classes=10),
+            "cnn": random_teacher(str(root / "cnn"), num_classes=10, name="resnet18",
+                                  overrides=TINY_RESNET)}
+
+
+def distil_two_steps(workdir, digits_dir, teachers, method, student, teacher, **fields):
+    """Two steps of `method` on the digits from `teachers[teacher]` to a tiny student ('vit',
+    'cnn', or a (name, overrides) pair) -> (config, train_and_evaluate's result, the two
+    steps' metrics rows)."""
+    config = tiny_config(method, data_dir=digits_dir, teacher_checkpoint=teachers[teacher],
+                         steps=2, **fields)
+    for side, kind in ((config.student, student), (config.teacher, teacher)):
+        if kind == "cnn":
+            side.name, side.overrides = "resnet18", dict(TINY_RESNET)
+        elif isinstance(kind, tuple):
+            side.name, side.overrides = kind[0], dict(kind[1])
+    result = train.train_and_evaluate(config, str(workdir))
+    steps = [m for m in read_metrics(str(workdir)) if "train/loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    return config, result, steps
 
 
 def random_batches(num_steps, batch_size=16, image_size=16, num_classes=10):

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd import distill, losses, train
+from jaxkd import distill, losses
 from jaxkd.distill import maps
 from jaxkd.errors import ConfigError
-from jaxkd.metric_writer import read_metrics
 
-from helpers import method_batch, model_spec, random_outputs, random_teacher, tiny_config
+from helpers import distil_two_steps, method_batch, model_spec, random_outputs, random_teachers
 
 CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_examples=64)
 BATCH = 8
@@ -347,9 +346,6 @@ def test_teacher_head_needs_a_teacher():
 
 # --- end to end on the digits --------------------------------------------------------------
 
-TINY_RESNET = {"layers": [1, 1, 1, 1]}
-
-
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
@@ -357,10 +353,7 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return {"vit": random_teacher(str(root / "vit"), num_classes=10),
-            "cnn": random_teacher(str(root / "cnn"), num_classes=10, name="resnet18",
-                                  overrides=TINY_RESNET)}
+    return random_teachers(tmp_path_factory.mktemp("teachers"))
 
 
 # (method, student kind, teacher kind, method fields, metrics each step must report). 2 steps
@@ -388,19 +381,13 @@ RUNS = [
                          ids=[r[0] for r in RUNS])
 def test_baseline_distills_end_to_end(tmp_path, digits_dir, teachers, method, student,
                                       teacher, fields, reported):
-    config = tiny_config(method, data_dir=digits_dir, teacher_checkpoint=teachers[teacher],
-                         steps=2, **fields)
-    for side, kind in ((config.student, student), (config.teacher, teacher)):
-        if kind == "cnn":
-            side.name, side.overrides = "resnet18", dict(TINY_RESNET)
-    result = train.train_and_evaluate(config, str(tmp_path))
+    _, result, steps = distil_two_steps(tmp_path, digits_dir, teachers, method, student,
+                                        teacher, **fields)
     supervised = distill.method_requirements(method).labels
     if supervised:
         assert 0.0 <= result["eval/top1"] <= 100.0
     else:  # evaluated by k-NN of the embedding; no train top-1
         assert "eval/top1" not in result and 0.0 <= result["eval/knn_top1"] <= 100.0
-    steps = [m for m in read_metrics(str(tmp_path)) if "train/loss" in m]
-    assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
         assert all(np.isfinite(m[f"train/{k}"]) for k in ["loss", *reported])
         assert ("train/top1" in m) == supervised

@@ -12,12 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxkd import build, checkpoint, distill, losses, models, recipes, run_config, sharding, step, train
+from jaxkd import build, checkpoint, distill, losses, models, recipes, run_config, sharding, step
 from jaxkd.distill import crd, fitnet, ofa, rsd
 from jaxkd.errors import ConfigError
-from jaxkd.metric_writer import read_metrics
 
-from helpers import apply_method, random_teacher, tiny_config
+from helpers import apply_method, distil_two_steps, random_teachers
 from helpers import method_batch as _batch
 from helpers import model_spec as _spec
 from helpers import random_outputs as _outputs
@@ -530,9 +529,6 @@ def test_crd_negatives_come_from_other_classes_uniformly(labels):
 
 # --- end to end on the digits ----------------------------------------------------------------
 
-TINY_RESNET = {"layers": [1, 1, 1, 1]}
-
-
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
@@ -540,10 +536,7 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return {"vit": random_teacher(str(root / "vit"), num_classes=10),
-            "cnn": random_teacher(str(root / "cnn"), num_classes=10, name="resnet18",
-                                  overrides=TINY_RESNET)}
+    return random_teachers(tmp_path_factory.mktemp("teachers"))
 
 
 # (method, student kind, teacher kind, method fields, metrics each step must report)
@@ -563,15 +556,9 @@ RUNS = [
                          ids=[r[0] for r in RUNS])
 def test_method_distills_end_to_end(tmp_path, digits_dir, teachers, method, student, teacher,
                                     fields, reported):
-    config = tiny_config(method, data_dir=digits_dir, teacher_checkpoint=teachers[teacher],
-                         steps=2, **fields)
-    for side, kind in ((config.student, student), (config.teacher, teacher)):
-        if kind == "cnn":
-            side.name, side.overrides = "resnet18", dict(TINY_RESNET)
-    result = train.train_and_evaluate(config, str(tmp_path))
+    config, result, steps = distil_two_steps(tmp_path, digits_dir, teachers, method, student,
+                                             teacher, **fields)
     assert 0.0 <= result["eval/top1"] <= 100.0
-    steps = [m for m in read_metrics(str(tmp_path)) if "train/loss" in m]
-    assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
         assert all(np.isfinite(m[f"train/{k}"]) for k in ["loss", *reported])
     if method == "dkd":

@@ -19,7 +19,7 @@ from jaxkd import population, recipes, runner, sharding, step, train
 from jaxkd.errors import ConfigError, NonFiniteLossError, Preempted
 from jaxkd.metric_writer import read_metrics
 
-from helpers import TINY_VIT, load_script, random_batches, random_teacher, tiny_config
+from helpers import TINY_VIT, VIT, load_script, random_batches, random_teacher, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -394,3 +394,19 @@ def test_benchmark_prints_the_population_speed_up_line():
     lines = benchmark.population_lines(result)
     assert lines[-1] == "population speed-up (K=4): 1.45x (ideal 1.60x)"
     assert "| 4 | loop | 5500 | 2000 | 1000 | 1.45x | 1.60x | 91% | 30.0 |" in lines
+
+
+def test_benchmark_measures_a_tiny_population_end_to_end(tmp_path, capsys):
+    """The script's whole path (its part in a subprocess, the table, the speed-up line, the
+    JSON) on a tiny DeiT pair, without PyTorch."""
+    benchmark = load_script("benchmark")
+    tiny = json.dumps(TINY_VIT)
+    results = benchmark.main([
+        "--teacher", VIT, "--student", VIT, "--teacher-overrides", tiny,
+        "--student-overrides", tiny, "--method", "kd", "--num-classes", "10",
+        "--batch-size", "8", "--image-size", "16", "--warmup", "1", "--steps", "1",
+        "--population", "2", "--skip-torch", "--json", str(tmp_path / "bench.json")])
+    rows = results["parts"]["jaxkd"]["population"]["rows"]
+    assert [r["members"] for r in rows] == [2] and rows[0]["speedup"] > 0
+    assert "population speed-up (K=2)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench.json").read_text())["parts"]["jaxkd"]["population"]
