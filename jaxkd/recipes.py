@@ -72,8 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     # jaxkd.data.augment.AugmentConfig's fields; the ViT-recipe extras are off by default.
     # mix_per_device: mixup/cutmix draws per device batch (the official runs' per-GPU draws).
     c.augment = ml_collections.ConfigDict(
-        {"random_resized_crop": True, "scale_min": 0.08, "flip": True, "randaugment": "",
-         "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0,
+        {"random_resized_crop": True, "scale_min": 0.08, "crop_padding": 0, "flip": True,
+         "randaugment": "", "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0,
          "mixup_switch_prob": 0.5, "label_smoothing": 0.0, "mix_per_device": True})
     c.batch_size = 128  # global, over all devices and processes
     c.eval_batch_size = 0  # 0: same as batch_size
@@ -313,10 +313,8 @@ def cifar32_recipe(config: ml_collections.ConfigDict, *, batch_size: int = 64,
     no label smoothing (its students MobileNetV2/ShuffleNets use lr 0.01; none here).
     `extra_epochs` run first and shift the schedule (FT's paraphraser pre-training).
 
-    Augmentation: the original's RandomCrop(32, padding=4) has no jaxkd.data equivalent yet;
-    the images are flipped only (random_resized_crop is off: its 0.08-1 crops are not that
-    transform). The weight decay spares biases and BN parameters (jaxkd.optim); PyTorch's SGD
-    decays them too.
+    Augmentation: the original's RandomCrop(32, padding=4) and horizontal flip. The weight
+    decay spares biases and BN parameters (jaxkd.optim); PyTorch's SGD decays them too.
     """
     config.dataset.update(name="cifar100", image_size=32)
     config.batch_size = batch_size
@@ -326,7 +324,7 @@ def cifar32_recipe(config: ml_collections.ConfigDict, *, batch_size: int = 64,
                             weight_decay=5e-4, schedule="step", warmup_epochs=0.0,
                             decay_epochs=tuple(e + extra_epochs for e in CIFAR32_DECAY_EPOCHS),
                             decay_factor=0.1)
-    config.augment.update(random_resized_crop=False, flip=True)
+    config.augment.update(random_resized_crop=False, crop_padding=4, flip=True)
     config.log_every_steps = 100
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 5000

@@ -44,6 +44,7 @@ def _check_crd_recipe(config, epochs=240, decay=(150, 180, 210)):
     assert (config.dataset.name, config.dataset.image_size) == ("cifar100", 32)
     assert config.batch_size == 128 and config.num_epochs == epochs
     assert config.label_smoothing == 0.0 and config.augment.flip
+    assert (config.augment.random_resized_crop, config.augment.crop_padding) == (False, 4)
     assert (opt.name, opt.lr, opt.momentum, opt.weight_decay, opt.schedule, opt.warmup_epochs,
             tuple(opt.decay_epochs), opt.decay_factor) == (
         "sgd", 0.05, 0.9, 5e-4, "step", 0.0, decay, 0.1)

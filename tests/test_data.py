@@ -15,6 +15,7 @@ import time
 import ml_collections
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -351,6 +352,29 @@ def test_augment_config_parsing():
     assert augment_lib.AugmentConfig.from_config(config).scale_min == 0.35
     with pytest.raises(ValueError, match="scale_mni"):
         augment_lib.AugmentConfig.from_config({"scale_mni": 0.35})
+
+
+def test_padded_random_crop_is_torchvision_random_crop_with_padding():
+    """RandomCrop(32, padding=4): a 32 x 32 window of the zero-padded 40 x 40 image, every
+    one of the 9 x 9 offsets about equally often."""
+    image = np.random.RandomState(0).rand(32, 32, 3).astype(np.float32) + 0.5  # no zeros
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    crop = tf.function(lambda seed: augment_lib.padded_random_crop(
+        tf.constant(image), seed, image_size=32, padding=4))
+    draws = 1620
+    counts = np.zeros((9, 9), int)
+    for i in range(draws):
+        out = crop(tf.constant([3, i], tf.int64)).numpy()
+        offsets = [(t, l) for t in range(9) for l in range(9)
+                   if np.array_equal(out, padded[t:t + 32, l:l + 32])]
+        assert len(offsets) == 1, "not a window of the padded image"
+        counts[offsets[0]] += 1
+    assert counts.min() > 0  # every offset occurs ...
+    assert scipy.stats.chisquare(counts.ravel()).pvalue > 1e-3  # ... about equally often
+    with pytest.raises(ValueError, match="crop_padding"):
+        augment_lib.AugmentConfig(crop_padding=4)  # random_resized_crop is on by default
+    with pytest.raises(ValueError, match="crop_padding"):
+        augment_lib.AugmentConfig(random_resized_crop=False, crop_padding=-1)
 
 
 def crop_windows(height, width, count):

@@ -58,10 +58,13 @@ class AugmentConfig:
     mix_per_device: each device's share of the process batch is mixed as a batch of its own
     (its own draws, pairs within the share), as the official runs mix each GPU's batch;
     False: one draw and one pairing for the whole process batch.
+    crop_padding: > 0 (with random_resized_crop off) is torchvision's RandomCrop(image_size,
+    padding=crop_padding) of CRD's CIFAR recipe: zero padding, then a uniformly placed window.
     """
 
     random_resized_crop: bool = True
     scale_min: float = 0.08
+    crop_padding: int = 0
     flip: bool = True
     randaugment: str = ""
     random_erasing: float = 0.0
@@ -79,6 +82,10 @@ class AugmentConfig:
         for name in ("random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.crop_padding < 0 or (self.crop_padding and self.random_resized_crop):
+            raise ValueError(f"crop_padding must be >= 0 and needs random_resized_crop off, got "
+                             f"{self.crop_padding} with random_resized_crop="
+                             f"{self.random_resized_crop}")
         if self.mixup_alpha < 0.0 or self.cutmix_alpha < 0.0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got "
                              f"{self.mixup_alpha} and {self.cutmix_alpha}")
@@ -181,6 +188,15 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
     return resize(crop, image_size)
 
 
+def padded_random_crop(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
+                       padding: int) -> tf.Tensor:
+    """torchvision's RandomCrop(image_size, padding): the (resized) image zero-padded by
+    `padding` on every side, then an image_size window at a uniformly drawn offset."""
+    image = resize(image, image_size)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
+
+
 def example_transforms(config: AugmentConfig | None, image_size: int) -> list[ExampleTransform]:
     """The per-example train transforms in order (timm's): crop or resize, flip, RandAugment.
 
@@ -189,6 +205,9 @@ def example_transforms(config: AugmentConfig | None, image_size: int) -> list[Ex
     if config is not None and config.random_resized_crop:
         transforms = [lambda image, seed: random_resized_crop(
             image, seed, image_size=image_size, scale_min=config.scale_min)]
+    elif config is not None and config.crop_padding:
+        transforms = [lambda image, seed: padded_random_crop(
+            image, seed, image_size=image_size, padding=config.crop_padding)]
     else:
         transforms = [lambda image, seed: resize(image, image_size)]
     if config is not None and config.flip:
