@@ -6,7 +6,8 @@ the timm state-dict key it comes from and how the array is laid out. Each family
 registers that mapping for its model names (`register_converter`), together with the other
 checkpoint layouts its models come in (jaxkd.convert.layouts); a checkpoint's layout is found
 from its keys. The core does the accounting both ways so that a wrong layout is one loud error
-listing every mismatch.
+listing every mismatch. Buffers an original code stores whose values follow from the model
+(`Converter.derived_buffers`) are checked on import and written on export.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ _INVERSE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # Buffers timm keeps in state dicts that Flax recomputes or does not track.
 _DERIVED_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
 
+# Flat Flax variables (arrays or their shapes) -> {state-dict key: buffer value}.
+DerivedBuffers = Callable[[Mapping[tuple[str, ...], Any]], dict[str, np.ndarray]]
+
+
+def no_derived_buffers(variables: Mapping[tuple[str, ...], Any]) -> dict[str, np.ndarray]:
+    return {}
+
 
 class ConversionError(CheckpointError):
     """A checkpoint that does not fit the model it is converted for."""
@@ -54,6 +62,10 @@ class Converter:
     # Whether timm builds these models with this very key layout, so that timm can check a
     # conversion (not CRD's CIFAR models: timm lacks them, or its vgg13 is ImageNet's).
     timm_twin: bool = True
+    # Persistent buffers the original code keeps in its state dicts whose values follow from
+    # the model's variable shapes (CycleMLP's sampling offsets), computed from the flat
+    # variables: a checkpoint must hold exactly these values, and an export writes them.
+    derived_buffers: DerivedBuffers = no_derived_buffers
 
     @property
     def head_key(self) -> str:
@@ -195,18 +207,38 @@ def convert_checkpoint(
         if fresh is None:
             fresh = _fresh_head(name, num_classes, seed, converter.head, overrides)
         out[path] = np.asarray(fresh[path[1 + len(converter.head):]])
+    bad_buffer = []
+    for key, expected in converter.derived_buffers(shapes).items():
+        if key not in sd:
+            missing.append(f"(a buffer the model computes) <- {key}")
+            continue
+        used.add(key)
+        if (difference := _buffer_difference(sd[key], expected)) is not None:
+            bad_buffer.append(f"{normalised.source(key)}: {difference}")
     unused = sorted(normalised.source(k) for k in sd
                     if k not in used and not k.endswith(_DERIVED_SUFFIXES))
-    if missing or unused or bad_shape:
+    if missing or unused or bad_shape or bad_buffer:
         raise ConversionError(_mismatch_message(
             name, converter, layout, num_classes, overrides, missing, unused, bad_shape,
-            head_unfit, head_key))
+            bad_buffer, head_unfit, head_key))
     return Conversion(flax.traverse_util.unflatten_dict(out), num_classes, layout,
                       normalised.left_out)
 
 
+def _buffer_difference(value: np.ndarray, expected: np.ndarray) -> str | None:
+    """How a checkpoint's buffer differs from the one the model computes; None if equal."""
+    if value.shape != expected.shape:
+        return f"checkpoint {value.shape}, the model computes {expected.shape}"
+    unequal = np.argwhere(value != expected)
+    if not len(unequal):
+        return None
+    index = tuple(int(i) for i in unequal[0])
+    return (f"{len(unequal)} of {value.size} values differ, the first at {index}: checkpoint "
+            f"{value[index]}, the model computes {expected[index]}")
+
+
 def _mismatch_message(name, converter, layout, num_classes, overrides, missing, unused,
-                      bad_shape, head_unfit, head_key) -> str:
+                      bad_shape, bad_buffer, head_unfit, head_key) -> str:
     classes = (f"num_classes={num_classes}" if num_classes is not None
                else f"num_classes unknown: the checkpoint has no {head_key!r}")
     lines = [f"checkpoint does not match model {name!r} ({classes}, overrides={overrides})"]
@@ -224,6 +256,9 @@ def _mismatch_message(name, converter, layout, num_classes, overrides, missing, 
         lines += ["  checkpoint keys the model does not use:"] + [f"    {u}" for u in unused]
     if bad_shape:
         lines += ["  shape mismatches:"] + [f"    {b}" for b in bad_shape]
+    if bad_buffer:
+        lines += ["  buffers unlike the ones the model computes:"] + [
+            f"    {b}" for b in bad_buffer]
     if head_unfit:
         lines.append("  (a head of another class count, or none, loads with reinit_head=True: "
                      "a fresh classifier)")
@@ -255,11 +290,13 @@ def input_hw(name: str, overrides: Mapping[str, Any]) -> tuple[int, int]:
 def flax_to_timm(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Inverse of `timm_to_flax`: a state dict (timm 1.0's layout) that timm loads with
     `strict=True`; variables without a head load into timm's `num_classes=0` model."""
-    timm_key = converter_for(name).timm_key
+    converter = converter_for(name)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
     sd = {}
-    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables)).items():
-        key, kind = timm_key(path)
+    for path, value in flat.items():
+        key, kind = converter.timm_key(path)
         sd[key] = np.ascontiguousarray(_INVERSE[kind](np.asarray(value, dtype=np.float32)))
         if key.endswith("running_var"):
             sd[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    sd.update(converter.derived_buffers(flat))
     return sd
