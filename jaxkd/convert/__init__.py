@@ -6,7 +6,8 @@ from jaxkd.convert.core import (Conversion, ConversionError, Converter, apply_co
                                 register_converter, timm_to_flax)
 from jaxkd.convert.readers import CheckpointReadError, read_state_dict, state_dict_from_timm_model
 # Each family module registers its converter on import.
-from jaxkd.convert import cifar, convnext, mlp, mobilenetv2, resnet, swin, vit  # noqa: F401,E402
+from jaxkd.convert import (  # noqa: F401,E402
+    cifar, convnext, hiremlp, mlp, mobilenetv2, resnet, swin, vit)
 
 __all__ = ["CheckpointReadError", "Conversion", "ConversionError", "Converter",
            "apply_converted", "convert_checkpoint", "converter_for", "flax_to_timm",

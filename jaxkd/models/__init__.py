@@ -2,7 +2,7 @@
 package registers every family."""
 
 from jaxkd.models import (  # noqa: F401  (register)
-    cifar_resnet, convnext, mlp, mobilenetv2, resnet, swin, vgg, vit, wrn)
+    cifar_resnet, convnext, hiremlp, mlp, mobilenetv2, resnet, swin, vgg, vit, wrn)
 from jaxkd.models.registry import (ModelInfo, UnknownModelError, create_model, list_models,
                                    model_info, register_model)
 
