@@ -7,7 +7,8 @@ from jaxkd.convert.core import (Conversion, ConversionError, Converter, apply_co
 from jaxkd.convert.readers import CheckpointReadError, read_state_dict, state_dict_from_timm_model
 # Each family module registers its converter on import.
 from jaxkd.convert import (  # noqa: F401,E402
-    cifar, convnext, cyclemlp, mlp, mobilenetv2, resnet, swin, vip, vit)
+from jaxkd.convert import (  # noqa: F401,E402
+    cifar, convnext, cyclemlp, hiremlp, mlp, mobilenetv2, resnet, swin, vip, vit)
 
 __all__ = ["CheckpointReadError", "Conversion", "ConversionError", "Converter",
            "apply_converted", "convert_checkpoint", "converter_for", "flax_to_timm",

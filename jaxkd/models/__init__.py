@@ -2,8 +2,8 @@
 package registers every family."""
 
 from jaxkd.models import (  # noqa: F401  (register)
-    cifar_resnet, convnext, cyclemlp, mlp, mobilenetv2, resnet, swin, vgg, vip, vit,
-    wrn)
+    cifar_resnet, convnext, cyclemlp, hiremlp, mlp, mobilenetv2, resnet, swin, vgg, vip,
+    vit, wrn)
 from jaxkd.models.registry import (ModelInfo, UnknownModelError, create_model, list_models,
                                    model_info, register_model)
 
