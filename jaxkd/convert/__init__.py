@@ -7,7 +7,6 @@ from jaxkd.convert.core import (Conversion, ConversionError, Converter, apply_co
 from jaxkd.convert.readers import CheckpointReadError, read_state_dict, state_dict_from_timm_model
 # Each family module registers its converter on import.
 from jaxkd.convert import (  # noqa: F401,E402
-from jaxkd.convert import (  # noqa: F401,E402
     cifar, convnext, cyclemlp, hiremlp, mlp, mobilenetv2, resnet, swin, vip, vit)
 
 __all__ = ["CheckpointReadError", "Conversion", "ConversionError", "Converter",
