@@ -182,3 +182,44 @@ def test_drop_path_drops_whole_samples_and_rescales_the_kept():
     assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))  # whole samples
     assert 0 < np.sum(per_sample[:, 0] == 0) < 64
     np.testing.assert_array_equal(_DropPath(1.0).apply({}, x, True, rngs=rngs), 0 * x)
+
+
+@pytest.mark.parametrize("shape,eps", [((4, 7, 12), 1e-6), ((2, 3, 5, 16), 1e-5)])
+def test_layer_norm_matches_torch_forward_and_backward(shape, eps):
+    """Values, input gradient and parameter gradients of torch.nn.LayerNorm: the closed-form
+    backward against PyTorch's autograd, on inputs off zero mean and unit scale."""
+    x = np.asarray(_normal(0, shape)) * 3.0 + 1.5
+    scale, bias = (np.asarray(_normal(seed, shape[-1:])) for seed in (1, 2))
+    cotangent = np.asarray(_normal(3, shape))
+    module = layers.layer_norm(eps, None)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    out, (grad_params, grad_x) = jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.sum(module.apply(p, x) * cotangent), argnums=(0, 1)))(params, x)
+    reference = torch.nn.LayerNorm(shape[-1], eps=eps)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(scale))
+        reference.bias.copy_(torch.from_numpy(bias))
+    x_torch = torch.from_numpy(x).requires_grad_()
+    torch_out = (reference(x_torch) * torch.from_numpy(cotangent)).sum()
+    torch_out.backward()
+    np.testing.assert_allclose(out, torch_out.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad_x, x_torch.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_params["params"]["scale"], reference.weight.grad.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_params["params"]["bias"], reference.bias.grad.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_computes_in_float32_and_returns_its_dtype():
+    x = (_normal(0, (2, 5, 8)) * 4.0 + 2.0).astype(jnp.bfloat16)
+    for dtype, expected in ((jnp.bfloat16, jnp.bfloat16), (None, jnp.float32)):
+        module = layers.layer_norm(1e-6, dtype)
+        params = module.init(jax.random.PRNGKey(0), x)
+        assert params["params"]["scale"].dtype == jnp.float32
+        out = module.apply(params, x)
+        assert out.dtype == expected
+        x32 = x.astype(jnp.float32)
+        normed = (x32 - x32.mean(-1, keepdims=True)) / jnp.sqrt(x32.var(-1, keepdims=True) + 1e-6)
+        np.testing.assert_allclose(out.astype(jnp.float32), normed, rtol=1e-2, atol=1e-2)
+        grad = jax.grad(lambda x: jnp.sum(module.apply(params, x).astype(jnp.float32) ** 2))(x)
+        assert grad.dtype == jnp.bfloat16  # the cotangent keeps the input's dtype

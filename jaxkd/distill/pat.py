@@ -49,7 +49,7 @@ from jaxkd.distill.base import PER_EXAMPLE_COLLECTION, Method, Term, derived, re
 from jaxkd.distill.ofa import token_layout
 from jaxkd.errors import ConfigError
 from jaxkd.models.layers import (KAIMING_FAN_OUT, TORCH_LN_EPS, TRUNC_NORMAL_02, batch_norm,
-                                 conv2d)
+                                 conv2d, layer_norm)
 
 RAA_GRID = 4  # each stage becomes RAA_GRID x RAA_GRID = 16 tokens
 RAA_DIM = 512
@@ -133,7 +133,7 @@ class RegionAwareAttention(nn.Module):
     def __call__(self, grids):
         tokens = jnp.concatenate([StageTokens(self.dim, name=f"stage_tokens_{i}")(g)
                                   for i, g in enumerate(grids)], axis=1)
-        normed = nn.LayerNorm(epsilon=TORCH_LN_EPS, name="norm")(tokens)
+        normed = layer_norm(TORCH_LN_EPS, None, "norm")(tokens)
         q = _dense(self.dim, "to_q")(normed)
         k, v = jnp.split(_dense(2 * self.dim, "to_kv")(normed), 2, axis=-1)
         position = jnp.asarray(sinusoidal_encoding(tokens.shape[1], self.dim))
