@@ -37,10 +37,11 @@ def tiny_config(method: str = "ce", *, data_dir: str = "", dataset: str = "sklea
 
 
 def random_teacher(out_dir: str, num_classes: int, *, name: str = VIT, overrides=None,
-                   seed: int = 1) -> str:
+                   seed: int = 1, image_size: int = 16) -> str:
     overrides = dict(TINY_VIT if overrides is None else overrides)
     module = models.create_model(name, num_classes=num_classes, **overrides)
-    variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)), train=False)
+    variables = module.init(jax.random.PRNGKey(seed),
+                            jnp.zeros((1, image_size, image_size, 3)), train=False)
     return checkpoint.save_model(out_dir, jax.device_get(variables), model_name=name,
                                  num_classes=num_classes, overrides=overrides)
 

@@ -286,6 +286,17 @@ def test_ofa_refuses_bad_stage_settings():
         _method("ofa", CNN_STUDENT, TOKEN_TEACHER, stages=(0, 2))
     with pytest.raises(ConfigError, match="branch_eps"):
         _method("ofa", CNN_STUDENT, TOKEN_TEACHER, stages=(2, 4), branch_eps=(1.0, 1.0, 1.0))
+    # A token stage below 14x14 is not merged, so it must already have the branch width (ViP-S/7
+    # at 112 px: stage 1 is 16x16 and merged once, stages 2-4 are 8x8 at the final width).
+    vip = _spec("vip", "mlp", 10, 384, [(256, 192), (64, 384), (64, 384), (64, 384)])
+    _method("ofa", vip, TOKEN_TEACHER)
+    narrow = _spec("vip", "mlp", 10, 384, [(256, 192), (64, 192), (64, 384), (64, 384)])
+    with pytest.raises(ConfigError, match="stage 2 has width 192 on a 8x8 grid"):
+        _method("ofa", narrow, TOKEN_TEACHER)
+    _method("ofa", narrow, TOKEN_TEACHER, stages=(1, 3, 4))
+    odd = _spec("odd", "vit", 10, 384, [(15 * 15, 384)] * 4)
+    with pytest.raises(ConfigError, match="15x15 grid, which is odd"):
+        _method("ofa", odd, TOKEN_TEACHER)
 
 
 def test_ofa_selected_stages_only():

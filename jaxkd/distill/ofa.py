@@ -49,6 +49,12 @@ def token_layout(stage_shape) -> tuple[int, int]:
     raise ConfigError(f"stage feature shape {stage_shape} is neither (H, W, C) nor (L, C)")
 
 
+def token_merges(grid: int) -> int:
+    """Patch mergings of a token branch on a grid x grid stage, as the official code counts
+    them: int(log2(grid / 7)), none below 14 x 14 (GELU after each but the last of 2+)."""
+    return max(int(math.log2(grid / FINAL_GRID)), 0)
+
+
 def as_tokens(feature):
     """[B, H, W, C] maps become [B, H*W, C] row-major tokens; token sequences pass through."""
     if feature.ndim == 4:
@@ -148,9 +154,7 @@ class TokenBranch(nn.Module):
         del train
         x = as_tokens(x)
         prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
-        grid = math.isqrt(patches.shape[1])
-        # As the official code: int(log2(grid / 7)) merges; GELU after each but the last of 2+.
-        num_merges = max(int(math.log2(grid / FINAL_GRID)), 0)
+        num_merges = token_merges(math.isqrt(patches.shape[1]))
         for i in range(num_merges):
             patches = PatchMerging(self.dim, gelu=i == 0 or i != num_merges - 1,
                                    name=f"merge_{i}")(patches)
@@ -206,14 +210,27 @@ def check_branch_config(student: ModelSpec, stages, eps: float, branch_eps
     if len(student.stage_shapes) != 4:
         raise ConfigError(f"student {student.name!r} has {len(student.stage_shapes)} stage "
                           "features; OFA branches need 4")
-    for stage in stages:
-        shape = student.stage_shapes[stage - 1]
-        if not student.token_stages and len(shape) != 3:
-            raise ConfigError(f"CNN student {student.name!r} stage {stage} is {shape}, not a "
-                              "(H, W, C) map")
     if student.token_stages and student.embed_dim % BRANCH_HEADS:
         raise ConfigError(f"token branches use {BRANCH_HEADS} heads: student width "
                           f"{student.embed_dim} is not divisible by {BRANCH_HEADS}")
+    for stage in stages:
+        shape = student.stage_shapes[stage - 1]
+        if not student.token_stages:
+            if len(shape) != 3:
+                raise ConfigError(f"CNN student {student.name!r} stage {stage} is {shape}, not "
+                                  "a (H, W, C) map")
+            continue
+        grid = token_layout(shape)[1]
+        if not token_merges(grid) and shape[-1] != student.embed_dim:
+            raise ConfigError(
+                f"student {student.name!r} stage {stage} has width {shape[-1]} on a {grid}x{grid} "
+                f"grid: a token branch merges no patches below 14x14, so nothing maps it to the "
+                f"branch width {student.embed_dim} (the official code fails here too); leave "
+                f"stage {stage} out of `stages`")
+        odd = [grid // 2 ** i for i in range(token_merges(grid)) if (grid // 2 ** i) % 2]
+        if odd:
+            raise ConfigError(f"student {student.name!r} stage {stage}: its token branch merges "
+                              f"2x2 patches of a {odd[0]}x{odd[0]} grid, which is odd")
     branch_eps = tuple(float(e) for e in branch_eps) or (float(eps),) * len(stages)
     if len(branch_eps) != len(stages):
         raise ConfigError(f"branch_eps {branch_eps} needs one value per stage {stages} "
