@@ -649,7 +649,7 @@ def _cpus(args) -> set[int]:
     return {int(c) for c in args.cpus.split(",")} if args.cpus else os.sched_getaffinity(0)
 
 
-def _run_part(part: str, argv: list[str], args) -> dict:
+def run_part(part: str, argv: list[str], args) -> dict:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cpus = _cpus(args)
@@ -787,7 +787,7 @@ def main(argv=None):
                "machine": machine_info(), "cpus": sorted(_cpus(args)), "parts": {}}
     for part in parts:
         print(f"running {part} ...", flush=True)
-        results["parts"][part] = _run_part(part, argv, args)
+        results["parts"][part] = run_part(part, argv, args)
         # Other processes share the CPUs: the load when each part ended, to read its times by.
         results["parts"][part]["load_average_after"] = os.getloadavg()
         if "skipped" in results["parts"][part]:

@@ -280,7 +280,7 @@ class Run:
     """The plan's runs against a deadline, results rewritten to OUT_DIR after each one.
     `run_part(part, argv, args)` is benchmark.py's: one part in a process of its own."""
 
-    def __init__(self, args, plan, environment: dict, *, run_part=benchmark._run_part,
+    def __init__(self, args, plan, environment: dict, *, run_part=benchmark.run_part,
                  clock=time.monotonic, start: float | None = None):
         self.args, self.environment, self.run_part, self.clock = (args, environment, run_part,
                                                                   clock)
@@ -516,7 +516,7 @@ def run(args) -> dict:
     start = time.monotonic()
     print(f"gpu_benchmark: {args.budget:.0f} s budget, results in {args.out_dir}", flush=True)
     environment = check(args)
-    # SIGTERM ends the part running (benchmark._run_part kills its session) and keeps what
+    # SIGTERM ends the part running (benchmark.run_part kills its session) and keeps what
     # was written.
     signal.signal(signal.SIGTERM, _interrupted)
     with tempfile.TemporaryDirectory() as cache:
