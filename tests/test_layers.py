@@ -223,3 +223,59 @@ def test_layer_norm_computes_in_float32_and_returns_its_dtype():
         np.testing.assert_allclose(out.astype(jnp.float32), normed, rtol=1e-2, atol=1e-2)
         grad = jax.grad(lambda x: jnp.sum(module.apply(params, x).astype(jnp.float32) ** 2))(x)
         assert grad.dtype == jnp.bfloat16  # the cotangent keeps the input's dtype
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad", [((2, 9, 11, 4), 3, 2, 1),
+                                                     ((2, 8, 8, 3), 2, 2, 0),
+                                                     ((1, 7, 7, 2), 3, 1, 1)])
+def test_max_pool_routes_gradients_to_the_first_maximum_as_torch(shape, kernel, stride, pad):
+    """Both backwards against torch.nn.functional.max_pool2d's, on inputs with ties (a ReLU's
+    zeros and repeated values), where the first maximum in row-major order takes the gradient."""
+    x = np.maximum(np.round(np.asarray(_normal(0, shape)) * 2.0) / 2.0, 0.0).copy()
+    cotangent = np.array(_normal(1, (shape[0],) + tuple(
+        (n + 2 * pad - kernel) // stride + 1 for n in shape[1:3]) + shape[3:]))
+    x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    out_torch = torch.nn.functional.max_pool2d(x_torch, kernel, stride, pad)
+    (out_torch * torch.from_numpy(cotangent).permute(0, 3, 1, 2)).sum().backward()
+    expected = x_torch.grad.permute(0, 2, 3, 1).numpy()
+    assert np.any(expected != 0)
+    for backward in layers.MAX_POOL_BACKWARDS:
+        pool = lambda x, b=backward: layers.max_pool2d(x, kernel, stride, pad, b)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(pool), jnp.asarray(x))
+        np.testing.assert_array_equal(out, out_torch.detach().permute(0, 2, 3, 1).numpy())
+        # (an input in overlapping windows sums their gradients in another order)
+        np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], expected, rtol=1e-6,
+                                   atol=1e-6, err_msg=backward)
+
+
+def test_cpu_max_pool_backward_has_no_select_and_scatter():
+    x = _normal(0, (2, 8, 8, 3))
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(layers.max_pool2d(x, 3, 2, 1) ** 2))).lower(
+        x).as_text()
+    assert "select_and_scatter" not in hlo and "reduce_window" in hlo
+
+
+def test_max_pool_backwards_agree_inside_a_training_step(monkeypatch):
+    """Inside ResNet's jitted training gradient XLA may recompute the pool's input (conv, BN,
+    ReLU) with other rounding than the forward's: the routing must still find each window's
+    maximum (comparing with the forward's output did not, and lost the stem's gradient)."""
+    from jaxkd import models
+
+    model = models.create_model("resnet18", num_classes=10, layers=[1, 1, 1, 1])
+    images = jax.random.uniform(jax.random.PRNGKey(0), (8, 224, 224, 3))
+    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+
+    def stem_grads():
+        def loss(params):
+            (logits, _), _ = model.apply({**variables, "params": params}, images, train=True,
+                                         mutable=["batch_stats"])
+            return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+        grads = jax.jit(jax.grad(loss))(variables["params"])
+        return grads["conv1"]["kernel"], grads["bn1"]["scale"]
+
+    per_backward = {}
+    for backward in layers.MAX_POOL_BACKWARDS:
+        monkeypatch.setitem(layers.MAX_POOL_BACKWARD, jax.default_backend(), backward)
+        per_backward[backward] = stem_grads()
+    for taps, xla in zip(per_backward["taps"], per_backward["xla"]):
+        np.testing.assert_allclose(taps, xla, rtol=1e-5, atol=1e-6)

@@ -348,6 +348,73 @@ def _shifted_depthwise_bwd(strides, padding, residuals, grad):
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
+# --- max pooling ---------------------------------------------------------------------------
+# Backward of a max pool per JAX backend ("xla" where a backend is not listed), chosen by
+# measurement (docs/benchmarks.md): XLA's CPU select-and-scatter takes 93 ms for ResNet's
+# 3x3/2 pool on [8, 112, 112, 64], the tap-by-tap routing below 19 ms.
+MAX_POOL_BACKWARD = {"cpu": "taps"}
+MAX_POOL_BACKWARDS = ("xla", "taps")
+
+
+def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int,
+               backward: str | None = None) -> jax.Array:
+    """torch.nn.MaxPool2d(kernel, stride, padding) on NHWC: padding never wins a window, and
+    the gradient goes to the first maximum of each window in row-major order (PyTorch's and
+    XLA's choice on ties); `backward` None picks the backend's (MAX_POOL_BACKWARD)."""
+    if backward is None:
+        backward = MAX_POOL_BACKWARD.get(jax.default_backend(), "xla")
+    if backward == "xla":
+        return _xla_max_pool(x, kernel, stride, padding)
+    if backward == "taps":
+        return _tap_routed_max_pool(x, kernel, stride, padding)
+    raise ValueError(f"unknown max-pool backward {backward!r}; choose one of "
+                     f"{MAX_POOL_BACKWARDS}")
+
+
+def _xla_max_pool(x, kernel, stride, padding):
+    return nn.max_pool(x, (kernel, kernel), (stride, stride),
+                       padding=((padding, padding), (padding, padding)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _tap_routed_max_pool(x, kernel, stride, padding):
+    return _xla_max_pool(x, kernel, stride, padding)
+
+
+def _tap_routed_max_pool_fwd(x, kernel, stride, padding):
+    return _xla_max_pool(x, kernel, stride, padding), x
+
+
+def _tap_routed_max_pool_bwd(kernel, stride, padding, x, grad):
+    """Each window's gradient to its first maximum: the window's first arg-max tap in
+    row-major order, found again here (comparing with the forward's output instead would
+    route nothing wherever XLA recomputes the input with other rounding), then each tap's
+    share scattered back to its positions by padding."""
+    _, h, w, _ = x.shape
+    ho, wo = grad.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                     constant_values=-jnp.inf)
+    taps = [(u, v) for u in range(kernel) for v in range(kernel)]
+    best = _tap(padded, 0, 0, (stride, stride), (ho, wo))
+    first = jnp.zeros(grad.shape, jnp.int32)
+    for index, (u, v) in enumerate(taps[1:], start=1):
+        value = _tap(padded, u, v, (stride, stride), (ho, wo))
+        larger = value > best
+        best = jnp.where(larger, value, best)
+        first = jnp.where(larger, index, first)
+    zero = jnp.zeros((), grad.dtype)
+    dx = None
+    for index, (u, v) in enumerate(taps):
+        routed = lax.pad(jnp.where(first == index, grad, zero), zero, (
+            (0, 0, 0), (u, h + 2 * padding - u - stride * (ho - 1) - 1, stride - 1),
+            (v, w + 2 * padding - v - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
+        dx = routed if dx is None else dx + routed
+    return (dx[:, padding:padding + h, padding:padding + w],)
+
+
+_tap_routed_max_pool.defvjp(_tap_routed_max_pool_fwd, _tap_routed_max_pool_bwd)
+
+
 def classifier(num_classes: int, embedding: jax.Array, **dense_kwargs) -> jax.Array:
     """The classifier `head` on the pre-logits embedding (called inside a compact module).
     With num_classes 0 there is none and the embedding comes back, as timm's identity head:

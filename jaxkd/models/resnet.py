@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.models.layers import (KAIMING_FAN_OUT, batch_norm, classifier, conv2d, drop_path,
-                                 torch_linear_init)
+                                 max_pool2d, torch_linear_init)
 from jaxkd.models.registry import register_model
 
 
@@ -83,7 +83,7 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False, pre_stage=None):
         x = conv2d(64, 7, 2, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool2d(x, 3, 2, 1)
         total_blocks = sum(self.layers)
         block_index = 0
         in_channels = 64

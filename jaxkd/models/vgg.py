@@ -23,16 +23,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.models.registry import CIFAR_MEAN, CIFAR_STD, register_model
-from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, classifier, conv2d
+from jaxkd.models.layers import KAIMING_FAN_OUT, batch_norm, classifier, conv2d, max_pool2d
 
 _VGG8 = ((64,), (128,), (256,), (512,), (512,))
 _VGG13 = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 # The input height at which the original also pools before block 4.
 _POOL_BEFORE_LAST_AT = 64
-
-
-def _max_pool(x):
-    return nn.max_pool(x, (2, 2), (2, 2))
 
 
 class VGG(nn.Module):
@@ -49,7 +45,7 @@ class VGG(nn.Module):
                 if pre_stage is not None:
                     x = pre_stage(b - 1, x)
                 if b < len(self.blocks) - 1 or pool_before_last:
-                    x = _max_pool(x)
+                    x = max_pool2d(x, 2, 2, 0)
             for j, width in enumerate(widths):
                 x = conv2d(width, 3, use_bias=True, kernel_init=KAIMING_FAN_OUT,
                            dtype=self.dtype, name=f"block{b}_conv{j}")(x)
