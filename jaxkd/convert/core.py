@@ -64,7 +64,8 @@ class Converter:
     timm_twin: bool = True
     # Persistent buffers the original code keeps in its state dicts whose values follow from
     # the model's variable shapes (CycleMLP's sampling offsets), computed from the flat
-    # variables: a checkpoint must hold exactly these values, and an export writes them.
+    # variables: a checkpoint that holds one must hold exactly these values (one without it
+    # loads: nothing is lost), and an export writes them.
     derived_buffers: DerivedBuffers = no_derived_buffers
 
     @property
@@ -209,8 +210,7 @@ def convert_checkpoint(
         out[path] = np.asarray(fresh[path[1 + len(converter.head):]])
     bad_buffer = []
     for key, expected in converter.derived_buffers(shapes).items():
-        if key not in sd:
-            missing.append(f"(a buffer the model computes) <- {key}")
+        if key not in sd:  # nothing to check: the model computes it
             continue
         used.add(key)
         if (difference := _buffer_difference(sd[key], expected)) is not None:
