@@ -16,8 +16,8 @@ import os
 
 import jax
 
-from jaxkd import (checkpoint, data, distill, evaluators, lifecycle, population, run_config,
-                   sharding, step)
+from jaxkd import (checkpoint, data, distill, evaluators, lifecycle, models, population,
+                   run_config, sharding, step)
 from jaxkd.errors import ConfigError, Preempted
 from jaxkd.metric_writer import MetricWriter
 
@@ -141,14 +141,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_labels=dataset.train_labels() if requires.train_labels else None)
     setup, teacher_variables = trainee.setup, trainee.teacher_variables
     eval_batch_size = config.eval_batch_size or config.batch_size
+    student = models.model_info(config.student.name)
+    view = data.EvalView(student.eval_crop_pct, student.interpolation)
     eval_ctx = evaluators.EvalContext(
         config=config, setup=setup, teacher_variables=teacher_variables,
         num_classes=info.num_classes,
         eval_batches=lambda: dataset.eval_batches(
             global_batch_size=eval_batch_size, image_size=ds.image_size,
-            process_index=jax.process_index(), process_count=jax.process_count()),
+            process_index=jax.process_index(), process_count=jax.process_count(), view=view),
         train_batches=lambda: dataset.centre_crop_train_batches(
-            image_size=ds.image_size, batch_size=eval_batch_size))
+            image_size=ds.image_size, batch_size=eval_batch_size, view=view))
     evals = evaluators.build_evaluators(eval_ctx)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from jaxkd import train
+from jaxkd import models, train
 from jaxkd.checkpoint import load_model
 from jaxkd.convert import (ConversionError, apply_converted, convert_checkpoint, converter_for,
                            read_state_dict)
@@ -102,6 +102,20 @@ def timm065(tmp_path_factory, worker_id):
             assert result.returncode == 0, result.stderr
     assert (out / "version.txt").read_text() == "0.6.5"
     return out
+
+
+def test_registry_evaluates_as_timm065_pretrained_cfgs(timm065):
+    """Each model's eval crop and interpolation are those of timm 0.6.5 (the official code's
+    timm, whose create_transform evaluates with them); CRD's vgg13 is not timm's."""
+    views = {name: view for name, view in
+             json.loads((timm065 / "eval_views.json").read_text()).items()
+             if converter_for(name).timm_twin}
+    assert {"resnet18", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+            "mixer_b16_224", "resnet50"} <= set(views)
+    for name, view in views.items():
+        info = models.model_info(name)
+        assert (info.eval_crop_pct, info.interpolation) == (
+            view["crop_pct"], view["interpolation"]), name
 
 
 @pytest.mark.parametrize("name", list(SMALL_065))

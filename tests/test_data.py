@@ -427,17 +427,46 @@ def test_eval_resize_matches_torchvision():
     from torchvision.transforms import functional as tv_functional
 
     image = np.random.default_rng(0).random((37, 53, 3), dtype=np.float32)
-    ours = augment_lib.resize_short_side_center_crop(tf.constant(image), 24, 0.875).numpy()
     tensor = torch.from_numpy(image).permute(2, 0, 1)
-    resized = tv_functional.resize(tensor, math.floor(24 / 0.875),
-                                   interpolation=InterpolationMode.BILINEAR, antialias=False)
-    theirs = tv_functional.center_crop(resized, [24, 24]).permute(1, 2, 0).numpy()
-    assert ours.shape == (24, 24, 3)
-    np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    plain = augment_lib.resize(tf.constant(image), 64).numpy()
-    theirs_plain = tv_functional.resize(tensor, [64, 64], interpolation=InterpolationMode.BILINEAR,
-                                        antialias=False).permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(plain, theirs_plain, atol=1e-5)
+    for size, view in ((24, augment_lib.EvalView(0.875)), (32, augment_lib.EvalView(0.9))):
+        ours = augment_lib.resize_short_side_center_crop(tf.constant(image), size, view).numpy()
+        resized = tv_functional.resize(tensor, math.floor(size / view.crop_pct),
+                                       interpolation=InterpolationMode.BILINEAR, antialias=True)
+        theirs = tv_functional.center_crop(resized, [size, size]).permute(1, 2, 0).numpy()
+        assert ours.shape == (size, size, 3)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    for size in (64, 16):  # up and down
+        plain = augment_lib.resize(tf.constant(image), size).numpy()
+        theirs_plain = tv_functional.resize(tensor, [size, size], antialias=True,
+                                            interpolation=InterpolationMode.BILINEAR)
+        np.testing.assert_allclose(plain, theirs_plain.permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation,mean_tolerance,max_tolerance",
+                         [("bilinear", 0.5, 1.5), ("bicubic", 0.5, 10.0)])
+def test_eval_view_of_a_photo_matches_pil(interpolation, mean_tolerance, max_tolerance):
+    """timm's eval transform runs PIL on uint8 images: Resize(floor(224 / crop_pct)) of the
+    short side, CenterCrop(224). On a real photo (scikit-learn's 427 x 640 china.jpg) ours
+    stays within PIL's uint8 rounding on average (tolerances in 1/255)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    photo = load_sample_image("china.jpg")
+    view = augment_lib.EvalView(0.9, interpolation)
+    ours = augment_lib.resize_short_side_center_crop(
+        tf.constant(photo, tf.float32) / 255.0, 224, view).numpy()
+    scale = math.floor(224 / view.crop_pct)
+    height, width = photo.shape[:2]
+    new_size = (int(scale * width / height), scale)  # PIL: (width, height); height is short
+    method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    resized = np.asarray(Image.fromarray(photo).resize(new_size, method), np.float32) / 255.0
+    top, left = (round((n - 224) / 2.0) for n in resized.shape[:2])
+    theirs = resized[top:top + 224, left:left + 224]
+    difference = np.abs(ours - theirs) * 255.0
+    assert ours.min() >= 0.0 and ours.max() <= 1.0
+    assert difference.mean() < mean_tolerance and difference.max() < max_tolerance
+    with pytest.raises(ValueError, match="interpolation"):
+        augment_lib.EvalView(0.9, "lanczos")
 
 
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):

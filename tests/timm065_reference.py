@@ -8,9 +8,11 @@ timm 0.6.5 (made by `make venv`) first: two timm versions cannot share a process
 writes to OUT_DIR, for each model of SMALL (keyed by its jaxkd name), `<name>.pth` (a
 perturbed state dict wrapped under 'model', as the official teachers are saved) and
 `<name>.npz` (its logits and embedding on `images.npy`); `full_swin_tiny.pth`, the full-size
-Swin-T with a CIFAR-100 head; and last `version.txt`, the version of timm that wrote them.
+Swin-T with a CIFAR-100 head; `eval_views.json`, the eval crop_pct and interpolation of every
+jaxkd model timm 0.6.5 has; and last `version.txt`, the version of timm that wrote them.
 """
 
+import json
 import os
 import sys
 
@@ -48,6 +50,13 @@ def main(out_dir: str) -> None:
                  embedding=embedding.numpy())
     full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=100)
     torch.save(full.state_dict(), os.path.join(out_dir, "full_swin_tiny.pth"))
+    from jaxkd.models import list_models
+
+    views = {name: {key: timm.models.get_pretrained_cfg(name)[key]
+                    for key in ("crop_pct", "interpolation")}
+             for name in list_models() if timm.models.is_model(name)}
+    with open(os.path.join(out_dir, "eval_views.json"), "w") as f:
+        json.dump(views, f)
     with open(os.path.join(out_dir, "version.txt"), "w") as f:  # last: marks the set complete
         f.write(timm.__version__)
 

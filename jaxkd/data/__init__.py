@@ -5,7 +5,7 @@ imports JAX: the trainer passes in what runs on the accelerators (the teacher's 
 `open_dataset` resolves a dataset once; a sampler (`make_sampler`, or `RandomSampler` /
 `NeighbourSampler` over a `TrainData`) turns it into train batches."""
 
-from jaxkd.data.augment import AugmentConfig
+from jaxkd.data.augment import AugmentConfig, EvalView
 from jaxkd.data.datasets import (
     SUPPORTED_DATASETS,
     Dataset,
@@ -26,6 +26,7 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "DatasetNotAvailableError",
+    "EvalView",
     "NeighbourSampler",
     "RandomSampler",
     "Sampler",

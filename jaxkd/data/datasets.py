@@ -27,8 +27,6 @@ from jaxkd.errors import ConfigError, JaxkdError
 if tf.config.list_physical_devices("GPU"):
     tf.config.set_visible_devices([], "GPU")  # The accelerators belong to JAX.
 
-EVAL_CROP_PCT = 0.875  # timm's default for ImageNet-size images.
-
 _CIFAR100_HELP = """\
 To prepare it, either
   * on a machine with internet: `tfds build cifar100 --data_dir {root}` and copy
@@ -49,14 +47,14 @@ run `tfds build imagenet2012 --data_dir {root}` (hours; no network needed), or c
 @dataclasses.dataclass(frozen=True)
 class _DatasetSpec:
     eval_split: str
-    eval_crop_pct: float | None  # None: tiny images, eval is a plain resize.
+    full_size: bool  # False: tiny images, eval is a plain resize; True: an EvalView.
     prepare_help: str | None  # None: prepared automatically.
 
 
 _SPECS = {
-    "sklearn_digits": _DatasetSpec("test", None, None),
-    "cifar100": _DatasetSpec("test", None, _CIFAR100_HELP),
-    "imagenet2012": _DatasetSpec("validation", EVAL_CROP_PCT, _IMAGENET2012_HELP),
+    "sklearn_digits": _DatasetSpec("test", False, None),
+    "cifar100": _DatasetSpec("test", False, _CIFAR100_HELP),
+    "imagenet2012": _DatasetSpec("validation", True, _IMAGENET2012_HELP),
 }
 SUPPORTED_DATASETS = tuple(_SPECS)
 
@@ -197,13 +195,14 @@ class Dataset:
 
         return decode
 
-    def eval_transform(self, image: tf.Tensor, image_size: int) -> tf.Tensor:
+    def eval_transform(self, image: tf.Tensor, image_size: int,
+                       view: augment_lib.EvalView | None = None) -> tf.Tensor:
         """The evaluation view of an image: a plain resize for tiny images, else timm's resize
-        of the short side and centre crop."""
-        if self._spec.eval_crop_pct is None:
+        of the short side and centre crop, as `view` says (None: timm's defaults)."""
+        if not self._spec.full_size:
             return augment_lib.resize(image, image_size)
         return augment_lib.resize_short_side_center_crop(image, image_size,
-                                                         self._spec.eval_crop_pct)
+                                                         view or augment_lib.EvalView())
 
     # --- what trainers and probes read --------------------------------------------------------
 
@@ -228,8 +227,10 @@ class Dataset:
         return self._train_labels
 
     def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int = 0,
-                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over the eval split: {"image", "label", "index", "mask"}, no augmentation.
+                     process_count: int = 1, view: augment_lib.EvalView | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the eval split: {"image", "label", "index", "mask"}, no augmentation
+        (`eval_transform` with `view`).
 
         Processes read disjoint shares covering every example once. All processes yield the
         same number of batches (enough for the largest share); padding rows are zeros with
@@ -243,7 +244,7 @@ class Dataset:
 
         def preprocess(example):
             image, label, index = decode(example)
-            return {"image": self.eval_transform(image, image_size), "label": label,
+            return {"image": self.eval_transform(image, image_size, view), "label": label,
                     "index": index}
 
         ds = self.read(local_split).map(traced(preprocess), num_parallel_calls=tf.data.AUTOTUNE)
@@ -266,7 +267,8 @@ class Dataset:
 
         return batches()
 
-    def centre_crop_train_batches(self, *, image_size: int, batch_size: int
+    def centre_crop_train_batches(self, *, image_size: int, batch_size: int,
+                                  view: augment_lib.EvalView | None = None
                                   ) -> Iterator[dict[str, np.ndarray]]:
         """The train split with the eval transform, on one process: {"image", "label",
         "index", "mask"}, all batches full (one compiled shape): the last one is padded, with
@@ -275,7 +277,7 @@ class Dataset:
 
         def preprocess(example):
             image, label, index = decode(example)
-            return {"image": self.eval_transform(image, image_size), "label": label,
+            return {"image": self.eval_transform(image, image_size, view), "label": label,
                     "index": index, "mask": 1.0}
 
         ds = self.read(self.info.train_split).map(traced(preprocess),

@@ -165,7 +165,7 @@ class CycleNet(nn.Module):
 
 
 @register_model("cyclemlp_b3", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                token_stages=False)
+                eval_crop_pct=0.9, token_stages=False)
 def cyclemlp_b3(num_classes: int = 1000, **overrides) -> CycleNet:
     """CycleMLP-B3 (the original's CycleMLP_B3); overrides use its keyword names."""
     kwargs = {**dict(layers=(3, 4, 18, 3), embed_dims=(64, 128, 320, 512),

@@ -230,7 +230,7 @@ _PER_STAGE = ("layers", "embed_dims", "mlp_ratios", "pixel", "step_stride", "ste
 
 
 @register_model("hire_mlp_small", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                token_stages=False)
+                eval_crop_pct=0.9, token_stages=False)
 def hire_mlp_small(num_classes: int = 1000, **overrides) -> HireMLPNet:
     """HireMLP-S; overrides take the original's keyword names (layers, embed_dims, pixel, ...)."""
     kwargs = {key: tuple(value) if key in _PER_STAGE else value

@@ -38,6 +38,10 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
+    # The eval view of full-size images (timm 0.6.5's pretrained_cfg, which the official
+    # code evaluates with): short side to floor(224 / eval_crop_pct), centre crop.
+    eval_crop_pct: float = 0.875
+    interpolation: str = "bicubic"
     # Whether OFA and PAT treat its stage features as tokens (ViT/MLP branches and aligners)
     # rather than CNN maps; a hierarchical MLP with conv-like stages (CycleMLP) is 'mlp' by
     # recipe but 'maps' by features, as the official OFA-KD code classifies it.
@@ -54,6 +58,8 @@ def register_model(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     input_size: int = 224,
+    eval_crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
     token_stages: bool | None = None,
 ):
     """Decorator registering `builder(num_classes=..., **overrides)` under a timm model name;
@@ -65,8 +71,8 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelInfo(
-            name, family, builder, tuple(mean), tuple(std), input_size,
-            family != "cnn" if token_stages is None else token_stages,
+            name, family, builder, tuple(mean), tuple(std), input_size, eval_crop_pct,
+            interpolation, family != "cnn" if token_stages is None else token_stages,
         )
         return builder
 

@@ -114,19 +114,19 @@ def _resnet(block, default_layers, num_classes, layers, drop_path_rate, dtype):
                   drop_path_rate=drop_path_rate, dtype=dtype)
 
 
-@register_model("resnet18", family="cnn")
+@register_model("resnet18", family="cnn", interpolation="bilinear")
 def resnet18(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
              drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
     return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, layers, drop_path_rate, dtype)
 
 
-@register_model("resnet34", family="cnn")
+@register_model("resnet34", family="cnn", interpolation="bilinear")
 def resnet34(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
              drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
     return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, layers, drop_path_rate, dtype)
 
 
-@register_model("resnet50", family="cnn")
+@register_model("resnet50", family="cnn", eval_crop_pct=0.95)
 def resnet50(num_classes: int = 1000, *, layers: Sequence[int] | None = None,
              drop_path_rate: float = 0.0, dtype: Any = jnp.float32) -> ResNet:
     return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, layers, drop_path_rate, dtype)

@@ -264,21 +264,21 @@ _SWIN_N_P = dict(patch_size=4, window_size=7, depths=(2, 2, 2, 2), num_heads=(2,
 
 
 @register_model("swin_tiny_patch4_window7_224", family="vit", mean=IMAGENET_MEAN,
-                std=IMAGENET_STD)
+                std=IMAGENET_STD, eval_crop_pct=0.9)
 def swin_tiny_patch4_window7_224(num_classes: int = 1000, **overrides) -> SwinTransformer:
     return _swin(num_classes, dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2),
                                    num_heads=(3, 6, 12, 24)), overrides)
 
 
 @register_model("swin_nano_patch4_window7_224", family="vit", mean=IMAGENET_MEAN,
-                std=IMAGENET_STD)
+                std=IMAGENET_STD, eval_crop_pct=0.9)
 def swin_nano_patch4_window7_224(num_classes: int = 1000, **overrides) -> SwinTransformer:
     """Swin-N of the OFA-KD paper; timm does not register it (build its SwinTransformer)."""
     return _swin(num_classes, dict(_SWIN_N_P, embed_dim=64), overrides)
 
 
 @register_model("swin_pico_patch4_window7_224", family="vit", mean=IMAGENET_MEAN,
-                std=IMAGENET_STD)
+                std=IMAGENET_STD, eval_crop_pct=0.9)
 def swin_pico_patch4_window7_224(num_classes: int = 1000, **overrides) -> SwinTransformer:
     """Swin-P of the OFA-KD paper; timm does not register it (build its SwinTransformer)."""
     return _swin(num_classes, dict(_SWIN_N_P, embed_dim=48), overrides)

@@ -196,7 +196,8 @@ def _vip(num_classes: int, defaults: dict, overrides: dict) -> VisionPermutator:
     return VisionPermutator(num_classes=num_classes, **kwargs)
 
 
-@register_model("vip_s7", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD, token_stages=True)
+@register_model("vip_s7", family="mlp", mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_crop_pct=0.9,
+                token_stages=True)
 def vip_s7(num_classes: int = 1000, **overrides) -> VisionPermutator:
     """ViP-S/7, OFA-KD's ImageNet MLP student (25M parameters)."""
     return _vip(num_classes, dict(layers=(4, 3, 8, 3), patch_size=7,

@@ -210,17 +210,20 @@ def _vit(num_classes: int, defaults: dict, overrides: dict) -> VisionTransformer
     return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
-@register_model("deit_tiny_patch16_224", family="vit", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+@register_model("deit_tiny_patch16_224", family="vit", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                eval_crop_pct=0.9)
 def deit_tiny_patch16_224(num_classes: int = 1000, **overrides) -> VisionTransformer:
     return _vit(num_classes, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), overrides)
 
 
-@register_model("vit_small_patch16_224", family="vit", mean=INCEPTION_MEAN, std=INCEPTION_STD)
+@register_model("vit_small_patch16_224", family="vit", mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                eval_crop_pct=0.9)
 def vit_small_patch16_224(num_classes: int = 1000, **overrides) -> VisionTransformer:
     return _vit(num_classes, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), overrides)
 
 
-@register_model("vit_base_patch16_224", family="vit", mean=INCEPTION_MEAN, std=INCEPTION_STD)
+@register_model("vit_base_patch16_224", family="vit", mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                eval_crop_pct=0.9)
 def vit_base_patch16_224(num_classes: int = 1000, **overrides) -> VisionTransformer:
     return _vit(num_classes, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
                 overrides)
