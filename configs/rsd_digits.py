@@ -14,9 +14,9 @@ three students, sharing the batches and the teacher's forward). The run ends wit
 held-out top-1, mean ± sample std over the seeds (summary.md), and the accuracy curves with
 ± std bands (accuracy.png) in the workdir.
 
-Measured from a fresh clone (2 CPU cores shared with other jobs, 8m31s): teacher 97.78;
-scratch 72.31 ± 2.78 (73.33, 69.17, 74.44); KD 73.89 ± 0.56 (73.89, 73.33, 74.44); RSD
-77.41 ± 0.64 (77.78, 77.78, 76.67). One seed could not separate scratch from KD. (With 200
+Measured from a fresh clone (2 idle CPU cores, 5m18s with `make venv`): teacher 97.78;
+scratch 72.31 ± 2.78 (73.33, 69.17, 74.44); KD 73.70 ± 2.33 (72.50, 72.22, 76.39); RSD
+78.43 ± 2.70 (77.78, 76.11, 81.39). One seed could not separate scratch from KD. (With 200
 steps instead of 300 RSD was not yet ahead of scratch in an earlier single-seed run, so keep
 300.)
 """
