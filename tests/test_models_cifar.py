@@ -219,6 +219,7 @@ def test_convert_and_export_scripts_on_a_repdistiller_teacher(tmp_path, capsys):
     assert convert.main(["--model", "vgg13", "--checkpoint", source, "--out", teacher]) == 0
     out = capsys.readouterr().out
     assert "9,462,180 parameters, 100 classes" in out and "parity check skipped" in out
+    assert "checkpoint layout: original" in out  # RepDistiller's own keys, not timm's model
     variables, meta = load_model(teacher)
     assert (meta["model_name"], meta["num_classes"]) == ("vgg13", 100)
     np.testing.assert_array_equal(variables["params"]["block3_conv1"]["kernel"],

@@ -19,7 +19,7 @@ import flax
 import jax
 import numpy as np
 
-from jaxkd.convert.layouts import TIMM, Layout, LayoutError
+from jaxkd.convert.layouts import ORIGINAL, TIMM, Layout, LayoutError
 from jaxkd.errors import CheckpointError
 from jaxkd.models import registry
 
@@ -76,9 +76,15 @@ class Converter:
     def is_head(self, path: tuple[str, ...]) -> bool:
         return path[1:1 + len(self.head)] == self.head
 
+    @property
+    def default_layout(self) -> Layout:
+        """timm's keys; for models timm lacks, their original code's (the same keys)."""
+        return TIMM if self.timm_twin else ORIGINAL
+
     def layout_of(self, keys) -> Layout:
-        """The layout whose keys the checkpoint has; timm's when no other claims it."""
-        return next((layout for layout in self.layouts if layout.claims(keys)), TIMM)
+        """The layout whose keys the checkpoint has; the default when no other claims it."""
+        return next((layout for layout in self.layouts if layout.claims(keys)),
+                    self.default_layout)
 
 
 _CONVERTERS: dict[str, Converter] = {}
@@ -242,12 +248,13 @@ def _mismatch_message(name, converter, layout, num_classes, overrides, missing, 
     classes = (f"num_classes={num_classes}" if num_classes is not None
                else f"num_classes unknown: the checkpoint has no {head_key!r}")
     lines = [f"checkpoint does not match model {name!r} ({classes}, overrides={overrides})"]
-    if layout is not TIMM:
+    default = converter.default_layout
+    if layout is not default:
         lines[0] += f", read as {layout.name}:"
     elif missing or unused:
-        known = ", ".join(l.name for l in (TIMM, *converter.layouts))
+        known = ", ".join(l.name for l in (default, *converter.layouts))
         lines[0] += (f": its keys are in none of the layouts read for this model ({known}); "
-                     f"compared with timm's:")
+                     f"compared with {default.name} keys:")
     else:
         lines[0] += ":"
     if missing:

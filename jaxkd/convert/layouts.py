@@ -64,6 +64,9 @@ def _identity(state_dict: dict[str, np.ndarray]) -> Normalised:
 # timm's own keys (what timm >= 0.9 saves; for every model but Swin also what 0.6.5 saved):
 # the layout a checkpoint is read in when no other layout claims it.
 TIMM = Layout("timm", claims=lambda keys: True, normalise=_identity)
+# The same keys for models timm lacks: the layout of the code that defines them (RepDistiller's
+# CIFAR models, OFA-KD's MLP students).
+ORIGINAL = Layout("original", claims=lambda keys: True, normalise=_identity)
 
 
 def _renamed(state_dict: dict[str, np.ndarray], rename: Callable[[str], str]) -> Normalised:
