@@ -15,9 +15,10 @@ projection instead: with a teacher checkpoint whose classifier is that projectio
 --config.method.teacher_output=logits.
 
 Recipe: SEED's (URepDistiller's imagenet/main.py defaults): 200 epochs, batch 256, SGD lr 0.03
-(x batch / 256), momentum 0.9, wd 1e-4, cosine after 5 warmup epochs. Augmentation: random
-resized crops (scale 0.2-1) and flips; MoCo-v2's colour jitter, grey-scale and blur have no
-jaxkd.data equivalent yet.
+(x batch / 256), momentum 0.9, wd 1e-4, cosine after 5 warmup epochs. Augmentation: MoCo
+v2's, as SEED's code: random resized crops (scale 0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1)
+with probability 0.8, grey-scale 0.2, Gaussian blur (sigma 0.1-2) 0.5, flips
+(jaxkd.data.photometric: PIL's arithmetic, the blur a true Gaussian where PIL uses boxes).
 
 Published linear-eval top-1 (CoSS supplement section 3): SEED 57.60; SEED + SS 58.30.
 """
@@ -41,7 +42,9 @@ def get_config(arg="res50,res18"):
     config.num_epochs = 200
     config.optimizer.update(name="sgd", lr=0.03 * BATCH / 256, momentum=0.9, weight_decay=1e-4,
                             schedule="cosine", warmup_epochs=5)
-    config.augment.update(random_resized_crop=True, scale_min=0.2, flip=True)
+    config.augment.update(random_resized_crop=True, scale_min=0.2, colour_jitter_prob=0.8,
+                          colour_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_prob=0.2,
+                          blur_prob=0.5, blur_sigma=(0.1, 2.0), flip=True)
     config.log_every_steps = 100
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 5000

@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     # jaxkd.data.augment.AugmentConfig's fields; the ViT-recipe extras are off by default.
     # mix_per_device: mixup/cutmix draws per device batch (the official runs' per-GPU draws).
     c.augment = ml_collections.ConfigDict(
-        {"random_resized_crop": True, "scale_min": 0.08, "crop_padding": 0, "flip": True,
+        {"random_resized_crop": True, "scale_min": 0.08, "crop_padding": 0,
+         "colour_jitter_prob": 0.0, "colour_jitter": (0.4, 0.4, 0.4, 0.1),
+         "grayscale_prob": 0.0, "blur_prob": 0.0, "blur_sigma": (0.1, 2.0), "flip": True,
          "randaugment": "", "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0,
          "mixup_switch_prob": 0.5, "label_smoothing": 0.0, "mix_per_device": True})
     c.batch_size = 128  # global, over all devices and processes

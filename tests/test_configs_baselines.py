@@ -8,6 +8,7 @@ import os
 import pytest
 
 from jaxkd import distill, models, recipes
+from jaxkd.data import augment as augment_lib
 from jaxkd.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,5 +130,9 @@ def test_seed_imagenet_with_and_without_space_similarity():
     assert seed.batch_size == 256 and seed.num_epochs == 200
     assert seed.method.queue_size % seed.batch_size == 0
     assert "57.60" in module.__doc__ and "58.30" in module.__doc__
+    augment = augment_lib.AugmentConfig.from_config(seed.augment)  # MoCo v2's
+    assert (augment.scale_min, augment.colour_jitter_prob, augment.colour_jitter,
+            augment.grayscale_prob, augment.blur_prob, augment.blur_sigma, augment.flip) == (
+        0.2, 0.8, (0.4, 0.4, 0.4, 0.1), 0.2, 0.5, (0.1, 2.0), True)
     with pytest.raises(ConfigError):
         module.get_config("res50,res18,kd")

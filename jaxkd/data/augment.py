@@ -38,7 +38,7 @@ from typing import Any
 import ml_collections
 import tensorflow as tf
 
-from jaxkd.data import randaugment
+from jaxkd.data import photometric, randaugment
 
 ExampleTransform = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 BatchTransform = Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]
@@ -83,11 +83,19 @@ class AugmentConfig:
     False: one draw and one pairing for the whole process batch.
     crop_padding: > 0 (with random_resized_crop off) is torchvision's RandomCrop(image_size,
     padding=crop_padding) of CRD's CIFAR recipe: zero padding, then a uniformly placed window.
+    colour_jitter_prob, grayscale_prob, blur_prob: MoCo v2's RandomApply(ColorJitter(
+    *colour_jitter)), RandomGrayscale and RandomApply(GaussianBlur(blur_sigma)) after the crop
+    (jaxkd.data.photometric); 0 switches each off.
     """
 
     random_resized_crop: bool = True
     scale_min: float = 0.08
     crop_padding: int = 0
+    colour_jitter_prob: float = 0.0
+    colour_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip: bool = True
     randaugment: str = ""
     random_erasing: float = 0.0
@@ -102,7 +110,17 @@ class AugmentConfig:
         if self.randaugment:
             # A bad spec fails when the config is built.
             randaugment.parse_randaugment(self.randaugment)
-        for name in ("random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing"):
+        object.__setattr__(self, "colour_jitter", tuple(float(x) for x in self.colour_jitter))
+        object.__setattr__(self, "blur_sigma", tuple(float(x) for x in self.blur_sigma))
+        if (len(self.colour_jitter) != 4 or min(self.colour_jitter) < 0.0
+                or self.colour_jitter[3] > 0.5):
+            raise ValueError(f"colour_jitter is (brightness, contrast, saturation, hue) >= 0 "
+                             f"with hue <= 0.5, got {self.colour_jitter}")
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma is (min, max) with 0 < min <= max, got "
+                             f"{self.blur_sigma}")
+        for name in ("random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing",
+                     "colour_jitter_prob", "grayscale_prob", "blur_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.crop_padding < 0 or (self.crop_padding and self.random_resized_crop):
@@ -221,8 +239,27 @@ def padded_random_crop(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
     return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
 
 
+def photometric_transforms(config: AugmentConfig) -> list[ExampleTransform]:
+    """MoCo v2's colour jitter, grey-scale and blur, each applied with its probability."""
+    transforms = []
+    if config.colour_jitter_prob > 0.0:
+        transforms.append(lambda image, seed: photometric.random_apply(
+            config.colour_jitter_prob, lambda x, s: photometric.colour_jitter(
+                x, s, config.colour_jitter), image, seed))
+    if config.grayscale_prob > 0.0:
+        transforms.append(lambda image, seed: photometric.random_apply(
+            config.grayscale_prob, lambda x, s: photometric.grayscale(x), image, seed))
+    if config.blur_prob > 0.0:
+        low, high = config.blur_sigma
+        transforms.append(lambda image, seed: photometric.random_apply(
+            config.blur_prob, lambda x, s: photometric.gaussian_blur(
+                x, tf.random.stateless_uniform([], s, low, high), high), image, seed))
+    return transforms
+
+
 def example_transforms(config: AugmentConfig | None, image_size: int) -> list[ExampleTransform]:
-    """The per-example train transforms in order (timm's): crop or resize, flip, RandAugment.
+    """The per-example train transforms in order (timm's, with MoCo v2's photometric ones after
+    the crop): crop or resize, colour jitter, grey-scale, blur, flip, RandAugment.
 
     `config=None` means no augmentation: a plain resize.
     """
@@ -234,6 +271,8 @@ def example_transforms(config: AugmentConfig | None, image_size: int) -> list[Ex
             image, seed, image_size=image_size, padding=config.crop_padding)]
     else:
         transforms = [lambda image, seed: resize(image, image_size)]
+    if config is not None:
+        transforms += photometric_transforms(config)
     if config is not None and config.flip:
         transforms.append(tf.image.stateless_random_flip_left_right)
     if config is not None and config.randaugment:

@@ -112,13 +112,13 @@ _LEVEL_TO_ARG |= {name: _enhance for name in _ENHANCE_OPS}
 _LEVEL_TO_ARG |= {name + "Increasing": _enhance_increasing for name in _ENHANCE_OPS}
 
 
-def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+def pil_blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """PIL's Image.blend(degenerate, image, factor): float32 arithmetic, clipped, truncated."""
     factor = tf.cast(factor, tf.float32)
     return tf.floor(tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0))
 
 
-def _grayscale(levels: tf.Tensor) -> tf.Tensor:
+def pil_luma(levels: tf.Tensor) -> tf.Tensor:
     """PIL's RGB -> L conversion (fixed-point ITU-R 601-2 luma, rounded), as float32 [H, W]."""
     rgb = tf.cast(levels, tf.int32)
     luma = tf.bitwise.right_shift(
@@ -126,9 +126,9 @@ def _grayscale(levels: tf.Tensor) -> tf.Tensor:
     return tf.cast(luma, tf.float32)
 
 
-def _mean_luma(levels: tf.Tensor) -> tf.Tensor:
+def pil_mean_luma(levels: tf.Tensor) -> tf.Tensor:
     """ImageEnhance.Contrast's grey: the luma mean rounded half up (float64: the sum is exact)."""
-    mean = tf.reduce_mean(tf.cast(_grayscale(levels), tf.float64))
+    mean = tf.reduce_mean(tf.cast(pil_luma(levels), tf.float64))
     return tf.cast(tf.floor(mean + 0.5), tf.float32)
 
 
@@ -175,7 +175,7 @@ def _sharpness(levels: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
     rows, cols = tf.range(shape[0])[:, None], tf.range(shape[1])[None, :]
     inner = (rows > 0) & (rows < shape[0] - 1) & (cols > 0) & (cols < shape[1] - 1)
-    return _blend(tf.where(inner[..., None], degenerate, levels), levels, factor)
+    return pil_blend(tf.where(inner[..., None], degenerate, levels), levels, factor)
 
 
 def _affine(levels: tf.Tensor, matrix) -> tf.Tensor:
@@ -245,11 +245,11 @@ _OPS = {
         image < tf.cast(threshold, tf.float32), image, 255.0 - image),
     "SolarizeAdd": lambda image, add: tf.where(
         image < 128.0, tf.minimum(image + tf.cast(add, tf.float32), 255.0), image),
-    "Color": lambda image, factor: _blend(
-        tf.tile(_grayscale(image)[..., None], [1, 1, 3]), image, factor),
-    "Contrast": lambda image, factor: _blend(
-        tf.fill(tf.shape(image), _mean_luma(image)), image, factor),
-    "Brightness": lambda image, factor: _blend(tf.zeros_like(image), image, factor),
+    "Color": lambda image, factor: pil_blend(
+        tf.tile(pil_luma(image)[..., None], [1, 1, 3]), image, factor),
+    "Contrast": lambda image, factor: pil_blend(
+        tf.fill(tf.shape(image), pil_mean_luma(image)), image, factor),
+    "Brightness": lambda image, factor: pil_blend(tf.zeros_like(image), image, factor),
     "Sharpness": _sharpness,
     "ShearX": lambda image, shear: _affine(image, (1.0, shear, 0.0, 0.0, 1.0, 0.0)),
     "ShearY": lambda image, shear: _affine(image, (1.0, 0.0, 0.0, shear, 1.0, 0.0)),
