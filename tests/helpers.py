@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +137,13 @@ def method_batch(num_classes, batch=8):
     """A method's batch without images: labels and train-split indices."""
     return {"label": jnp.arange(batch, dtype=jnp.int32) % num_classes,
             "index": jnp.arange(batch, dtype=jnp.int32) * 3}
+
+
+def assert_teacher_gets_no_gradient(loss_fn, inputs, teacher_index: int) -> None:
+    """d loss / d teacher input is exactly zero (the loss stops it), d loss / d student input
+    (argument 0) is finite and not zero."""
+    grad_student, grad_teacher = jax.jit(jax.grad(loss_fn, argnums=(0, teacher_index)))(
+        *inputs)
+    chex.assert_trees_all_equal(grad_teacher, np.zeros_like(inputs[teacher_index]))
+    chex.assert_tree_all_finite(grad_student)
+    assert float(jnp.max(jnp.abs(grad_student))) > 1e-6
