@@ -13,7 +13,8 @@ evaluation uses the model's interpolation and crop (`EvalView`, from the model r
 clipped to [0, 1] as PIL's uint8 output is. Up-sampling (8 px digits, 32 px CIFAR) is
 the same either way.
 
-Per-example transforms are listed by `example_transforms` (crop, flip, RandAugment); batch-level
+Per-example transforms are listed by `example_transforms` (crop, MoCo v2's colour jitter,
+grey-scale and blur, flip, RandAugment); batch-level
 ones, seeded per step, by `batch_transforms` (mixup/cutmix, then random erasing). The ViT/MLP
 student recipe's augmentations follow the official OFA-KD code (timm 0.6.5 `train.py` with its
 default prefetcher): RandAugment on each image after crop and flip, mixup/cutmix on the batch
