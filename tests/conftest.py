@@ -36,3 +36,18 @@ def mock_cifar(tmp_path):
     builder.info.write_to_directory(builder.data_path)
     with tfds.testing.mock_data(num_examples=MOCK_CIFAR_EXAMPLES, data_dir=str(tmp_path)):
         yield str(tmp_path / "ignored_by_the_mock")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """A TFDS data dir where the digits prepare themselves on first use (files that need
+    them prepared another way define their own)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Random 10-class digits teachers: a tiny DeiT ('vit') and ResNet18 ('cnn')."""
+    from helpers import random_teachers
+
+    return random_teachers(tmp_path_factory.mktemp("teachers"))

@@ -12,7 +12,7 @@ from jaxkd import distill, losses
 from jaxkd.distill import maps
 from jaxkd.errors import ConfigError
 
-from helpers import distil_two_steps, method_batch, model_spec, random_outputs, random_teachers
+from helpers import distil_two_steps, method_batch, model_spec, random_outputs
 
 CTX = distill.MethodContext(num_devices=1, label_smoothing=0.1, num_train_examples=64)
 BATCH = 8
@@ -345,16 +345,6 @@ def test_teacher_head_needs_a_teacher():
 
 
 # --- end to end on the digits --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    return random_teachers(tmp_path_factory.mktemp("teachers"))
-
 
 # (method, student kind, teacher kind, method fields, metrics each step must report). 2 steps
 # of 16 images: FT pre-trains its paraphraser for the first (1437 // 16 = 89 steps an epoch).

@@ -18,11 +18,6 @@ from helpers import apply_method, init_method, load_script, random_teacher, tiny
 RESNET_OVERRIDES = {"layers": (1, 1, 1, 1)}
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _brute_force_top_k(x, k):
     x = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
     similarity = x @ x.T

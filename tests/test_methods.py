@@ -16,7 +16,7 @@ from jaxkd import build, checkpoint, distill, losses, models, recipes, run_confi
 from jaxkd.distill import crd, fitnet, ofa, rsd
 from jaxkd.errors import ConfigError
 
-from helpers import apply_method, distil_two_steps, random_teachers
+from helpers import apply_method, distil_two_steps
 from helpers import method_batch as _batch
 from helpers import model_spec as _spec
 from helpers import random_outputs as _outputs
@@ -539,16 +539,6 @@ def test_crd_negatives_come_from_other_classes_uniformly(labels):
 
 
 # --- end to end on the digits ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    return random_teachers(tmp_path_factory.mktemp("teachers"))
-
 
 # (method, student kind, teacher kind, method fields, metrics each step must report)
 RUNS = [
