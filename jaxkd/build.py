@@ -53,6 +53,16 @@ def build_model(model_config, num_classes: int, dtype) -> ModelHandle:
                        np.asarray(info.std, np.float32), overrides, num_classes)
 
 
+def eval_view(name: str):
+    """How model `name` is evaluated on full-size images (a data.EvalView): its registry entry
+    (timm 0.6.5's pretrained_cfg). The data layer (TensorFlow) is imported only here: the
+    model and step paths run where TensorFlow is not installed."""
+    from jaxkd import data
+
+    info = models.model_info(name)
+    return data.EvalView(info.eval_crop_pct, info.interpolation)
+
+
 def model_spec(handle: ModelHandle, image_size: int) -> distill.ModelSpec:
     images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
 

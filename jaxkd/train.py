@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from jaxkd import (checkpoint, data, distill, evaluators, lifecycle, models, population,
+from jaxkd import (build, checkpoint, data, distill, evaluators, lifecycle, population,
                    run_config, sharding, step)
 from jaxkd.errors import ConfigError, Preempted
 from jaxkd.metric_writer import MetricWriter
@@ -141,8 +141,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_labels=dataset.train_labels() if requires.train_labels else None)
     setup, teacher_variables = trainee.setup, trainee.teacher_variables
     eval_batch_size = config.eval_batch_size or config.batch_size
-    student = models.model_info(config.student.name)
-    view = data.EvalView(student.eval_crop_pct, student.interpolation)
+    view = build.eval_view(config.student.name)
     eval_ctx = evaluators.EvalContext(
         config=config, setup=setup, teacher_variables=teacher_variables,
         num_classes=info.num_classes,

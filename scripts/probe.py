@@ -16,7 +16,7 @@ import sys
 
 import jax
 
-from jaxkd import data
+from jaxkd import build, data
 from jaxkd.analysis import probe
 from jaxkd.analysis.representations import load_export
 from jaxkd.errors import JaxkdError
@@ -50,10 +50,11 @@ def main(argv=None) -> int:
         dataset = data.open_dataset(args.dataset, args.data_dir)
         info = dataset.info
         embed = embedding_fn(model)
+        view = build.eval_view(model.name)  # as the model is evaluated in training
         train = probe.embed_batches(embed, dataset.centre_crop_train_batches(
-            image_size=args.image_size, batch_size=args.batch_size))
+            image_size=args.image_size, batch_size=args.batch_size, view=view))
         test = probe.embed_batches(embed, dataset.eval_batches(
-            global_batch_size=args.batch_size, image_size=args.image_size))
+            global_batch_size=args.batch_size, image_size=args.image_size, view=view))
     except JaxkdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
