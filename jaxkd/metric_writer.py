@@ -59,3 +59,11 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: str, data) -> None:
+    """A script's results as indented JSON at `path` (its folder made), announced on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}")

@@ -803,10 +803,9 @@ def main(argv=None):
     if "population" in results["parts"]["jaxkd"]:
         print("\n".join(population_lines(results["parts"]["jaxkd"]["population"])))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        from jaxkd.metric_writer import write_json
+
+        write_json(args.json, results)
     return results
 
 

@@ -12,13 +12,13 @@ The lowering `layers.DEPTHWISE_LOWERING` picks for a backend should be the faste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 from jaxkd.errors import run_cli
+from jaxkd.metric_writer import write_json
 
 # (name, [B, H, W, C], kernel, stride): batch 8 at 224 px.
 CASES = (
@@ -125,10 +125,7 @@ def benchmark(args) -> dict:
             f"{1e3 * case[part]['forward_backward_s']:7.1f}"
             for part in (*layers.LOWERINGS, "torch_eager") if part in case), flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return results
 
 

@@ -15,13 +15,13 @@ XLA's business and changes between releases: this says whether one helps here an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 from jaxkd.errors import ConfigError, run_cli
+from jaxkd.metric_writer import write_json
 
 
 def parse_args(argv=None):
@@ -116,10 +116,7 @@ def main(argv=None):
             print(f"| {name} | {1e3 * r['step_s']:.1f} | {default / r['step_s']:.2f}x | "
                   f"{r['max_grad_difference']:.1e} |")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return results
 
 
