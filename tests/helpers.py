@@ -139,6 +139,15 @@ def method_batch(num_classes, batch=8):
             "index": jnp.arange(batch, dtype=jnp.int32) * 3}
 
 
+def assert_float32_scalar_matches(loss_fn, reference, inputs32, inputs64, *, rtol, atol):
+    """loss_fn on the float32 inputs is a float32 scalar equal to `reference` on the float64
+    ones."""
+    value = loss_fn(*inputs32)
+    chex.assert_shape(value, ())
+    chex.assert_type(value, jnp.float32)
+    chex.assert_trees_all_close(value, np.float32(reference(*inputs64)), rtol=rtol, atol=atol)
+
+
 def assert_teacher_gets_no_gradient(loss_fn, inputs, teacher_index: int) -> None:
     """d loss / d teacher input is exactly zero (the loss stops it), d loss / d student input
     (argument 0) is finite and not zero."""

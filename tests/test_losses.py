@@ -13,7 +13,7 @@ from absl.testing import parameterized
 
 from jaxkd import losses
 
-from helpers import assert_teacher_gets_no_gradient
+from helpers import assert_float32_scalar_matches, assert_teacher_gets_no_gradient
 
 BATCH, CLASSES, DIM = 16, 10, 12
 RTOL, ATOL = 1e-5, 1e-6
@@ -282,11 +282,8 @@ class LossValues(chex.TestCase):
     @parameterized.named_parameters((name, name) for name in CASES)
     def test_matches_float64_reference(self, name):
         loss_fn, reference, _, _ = CASES[name]
-        inputs32, inputs64 = make_inputs(name)
-        value = self.variant(loss_fn)(*inputs32)
-        chex.assert_shape(value, ())
-        chex.assert_type(value, jnp.float32)
-        chex.assert_trees_all_close(value, np.float32(reference(*inputs64)), rtol=RTOL, atol=ATOL)
+        assert_float32_scalar_matches(self.variant(loss_fn), reference, *make_inputs(name),
+                                      rtol=RTOL, atol=ATOL)
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.product(

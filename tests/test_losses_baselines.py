@@ -15,7 +15,7 @@ from absl.testing import parameterized
 
 from jaxkd import losses
 
-from helpers import assert_teacher_gets_no_gradient
+from helpers import assert_float32_scalar_matches, assert_teacher_gets_no_gradient
 
 BATCH, DIM, QUEUE = 8, 12, 24
 RTOL, ATOL = 1e-5, 1e-6
@@ -238,11 +238,8 @@ class BaselineLossValues(chex.TestCase):
     @parameterized.named_parameters((name, name) for name in CASES)
     def test_matches_float64_reference(self, name):
         loss_fn, reference, _, _ = CASES[name]
-        inputs32, inputs64 = make_inputs(name)
-        value = self.variant(loss_fn)(*inputs32)
-        chex.assert_shape(value, ())
-        chex.assert_type(value, jnp.float32)
-        chex.assert_trees_all_close(value, np.float32(reference(*inputs64)), rtol=RTOL, atol=ATOL)
+        assert_float32_scalar_matches(self.variant(loss_fn), reference, *make_inputs(name),
+                                      rtol=RTOL, atol=ATOL)
 
     @parameterized.product(name=["at_student_larger", "ft", "nst", "vid", "sp_maps", "rkd",
                                  "pkt", "cc", "seed", "space_similarity"],
